@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from .errors import DoolyError
-
 COMMANDS = {
     "compile": ("dooly.compile", "capture a model's serving step and write its annotated IR"),
     "plan": ("dooly.plan", "what profiling models would cost, with the store and without Dooly"),
@@ -33,11 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {argv[0]!r}\n{usage()}", file=sys.stderr)
         return 2
     module, _, function = COMMANDS[argv[0]][0].partition(":")
-    try:
-        return getattr(__import__(module, fromlist=["_"]), function or "main")(argv[1:])
-    except DoolyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return getattr(__import__(module, fromlist=["_"]), function or "main")(argv[1:])
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from .config import ModelConfig, load_config
-from .errors import DoolyError
+from .errors import DoolyError, command
 from .ir import Graph, dumps
 from .passes.collapse import collapse
 from .passes.taint import AttributionError, taint
@@ -145,6 +145,7 @@ def update_golden(paths: list[Path]) -> None:
         print(f"golden/{cfg.name}.ir")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dooly.compile", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="*", type=Path, help="HF config.json file(s)")
@@ -156,24 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-golden", action="store_true",
                         help="regenerate golden/<model>.ir for the given configs (default: the whole zoo)")
     args = parser.parse_args(argv)
-    try:
-        if args.update_golden:
-            update_golden(args.config or sorted(ZOO.glob("*.json")))
-            return 0
-        if len(args.config) != 1:
-            parser.error("give one CONFIG (or --update-golden)")
-        start = time.perf_counter()
-        cfg = load_config(args.config[0])
-        graph = compile_model(cfg, args.frontend, args.dtype, args.tp)
-        written = write(graph, args.out or Path("out") / cfg.name)
-        if args.json:
-            json.dump(graph.to_json(), sys.stdout, indent=1, sort_keys=True)
-            print()
-        else:
-            summary(graph, time.perf_counter() - start, written)
-    except DoolyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    if args.update_golden:
+        update_golden(args.config or sorted(ZOO.glob("*.json")))
+        return 0
+    if len(args.config) != 1:
+        parser.error("give one CONFIG (or --update-golden)")
+    start = time.perf_counter()
+    cfg = load_config(args.config[0])
+    graph = compile_model(cfg, args.frontend, args.dtype, args.tp)
+    written = write(graph, args.out or Path("out") / cfg.name)
+    if args.json:
+        json.dump(graph.to_json(), sys.stdout, indent=1, sort_keys=True)
+        print()
+    else:
+        summary(graph, time.perf_counter() - start, written)
     return 0
 
 

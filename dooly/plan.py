@@ -20,7 +20,7 @@ from pathlib import Path
 from .bench.roofline import REFINED_SHARE, point_cost_s
 from .bench.sweep import axis_limit, initial_points
 from .compile import load_model
-from .errors import DoolyError
+from .errors import command
 from .ir import Graph
 from .passes.canonicalize import Signature, uses
 from .passes.dedup import dedup
@@ -82,6 +82,7 @@ def plan(graphs: list[Graph], backend: str, measured_cost: dict[str, float]) -> 
     return rows, total, sum(r.baseline_gpu_s for r in rows)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dooly plan", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="+", type=Path, help="config.json files, or compiled IRs (.ir, model.json)")
@@ -91,18 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .store import Store
 
-    try:
-        graphs = [load_model(p) for p in args.config]
-        store = Store(args.store)
-        if args.env:
-            _, env = store.environment(args.env)
-            backend, measured = env.attention_backend, store.measured(args.env)
-        else:
-            backend, measured = DEFAULT_BACKEND, {}
-        rows, dooly_s, baseline_s = plan(graphs, backend, measured)
-    except DoolyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    graphs = [load_model(p) for p in args.config]
+    store = Store(args.store)
+    if args.env:
+        _, env = store.environment(args.env)
+        backend, measured = env.attention_backend, store.measured(args.env)
+    else:
+        backend, measured = DEFAULT_BACKEND, {}
+    rows, dooly_s, baseline_s = plan(graphs, backend, measured)
     saving = 1 - dooly_s / baseline_s if baseline_s else 0.0
     if args.json:
         out = {"models": [{"model": r.model, "ops": r.ops, "unique": r.unique, "in_store": r.in_store, "new": r.new,

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .bench.sweep import ATTENTION_WORK
-from .errors import DoolyError
+from .errors import DoolyError, command
 
 # backend name -> (the environment's attention_backend, the SDPA kernel it forces (None: torch chooses), the T*K
 # bound of attention sweeps). On the H100 with torch 2.11, torch picks cuDNN for the engine's masked call; flash
@@ -156,6 +156,7 @@ def sweep_all(sweeper: Sweeper, todo: list, paths: dict, limits: dict, on_signat
     return len(todo)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dooly profile", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="+", type=Path, help="config.json files, or compiled IRs (.ir, model.json)")
@@ -165,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for the generated microbenchmarks (default: next to "
                                                    "the store)")
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except DoolyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return run(args)
 
 
 def run(args) -> int:
@@ -181,7 +178,13 @@ def run(args) -> int:
         raise DoolyError("no CUDA GPU here: dooly profile measures on a GPU (plan, predict and simulate run "
                          "anywhere)")
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from .bench.sweep import initial_points
     from .compile import load_model

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DoolyError
+from .errors import DoolyError, command
 
 MIN_REPEATS = 3
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,6 +178,7 @@ def parity_plots(rows: list[Row], out: Path) -> list[Path]:
     return paths
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dooly validate", description=__doc__.splitlines()[0])
     parser.add_argument("--groundtruth", type=Path, required=True, help="folder of <backend>/<model>.json files")
@@ -187,16 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .store import Store
 
-    try:
-        files = sorted(args.groundtruth.glob("*/*.json"))
-        if not files:
-            raise DoolyError(f"{args.groundtruth}: no ground-truth files (<backend>/<model>.json)")
-        store = Store(args.store, create=False)
-        log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
-        rows = [validate_model(json.loads(f.read_text()), store, log) for f in files]
-    except DoolyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    files = sorted(args.groundtruth.glob("*/*.json"))
+    if not files:
+        raise DoolyError(f"{args.groundtruth}: no ground-truth files (<backend>/<model>.json)")
+    store = Store(args.store, create=False)
+    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    rows = [validate_model(json.loads(f.read_text()), store, log) for f in files]
     plots = parity_plots(rows, args.plots)
     if args.json:
         print(json.dumps({"rows": [r.to_json() for r in rows]}, indent=1))

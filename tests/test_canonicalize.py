@@ -45,7 +45,8 @@ def test_pointwise_ops_of_any_hidden_size_are_one_flat_kernel():
         assert use.signature.axes == ("N",) and use.binding == {"N": "T"}
     assert ids[0] == ids[1]
     (weight_mul,) = [u for u in uses(large, BACKEND) if large.ops[u.op_index].scope.endswith("layers.*.input_layernorm")
-                     and large.ops[u.op_index].name == "aten.mul.Tensor" and u.signature.canonical["operands"][0] == "inner"]
+                     and large.ops[u.op_index].name == "aten.mul.Tensor"
+                     and u.signature.canonical["operands"][0] == "inner"]
     assert weight_mul.binding == {"N": "384*T"}
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT, dooly, find, tiny_llama, zoo_graph
 
 from dooly.compile import compile_model
 from dooly.config import parse_config
@@ -15,7 +16,6 @@ from dooly.ir.text import dumps, loads
 from dooly.passes import codegen
 from dooly.passes.canonicalize import uses
 from dooly.passes.shard import ALL_GATHER, ALL_REDUCE
-from helpers import ROOT, dooly, find, tiny_llama, zoo_graph
 
 
 def tp_graph(name: str, tp: int, **overrides):

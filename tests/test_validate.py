@@ -5,13 +5,13 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import ROOT, dooly
 
 from dooly.compile import load_model
 from dooly.predict import environment_name, load_predictor
 from dooly.sim import Knobs, StepTime
 from dooly.store import Store
 from dooly.validate import validate_model
-from helpers import ROOT, dooly
 
 TRUTH = ROOT / "data" / "groundtruth" / "sdpa" / "llama-3.2-1b.json"
 

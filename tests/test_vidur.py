@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, dooly
 
 # Vidur's own column lists (vidur/profiling and its sklearn execution-time predictor), written out here so that a

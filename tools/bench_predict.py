@@ -35,10 +35,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "configs" / "llama-3.1-8b.json")
     args = parser.parse_args()
     from dooly.compile import load_model
+    from dooly.config import load_config
     from dooly.predict import Batches, environment_name, load_predictor
     from dooly.sim import ContinuousBatching, Knobs, StepTime, simulate, synthetic
     from dooly.sim.engine import cache_size
-    from dooly.config import load_config
     from dooly.store import Store
 
     store = Store(args.store, create=False)

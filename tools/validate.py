@@ -45,7 +45,8 @@ def traces(seed: int = 0) -> dict[str, list[tuple[float, int, int]]]:
     rng = random.Random(f"{seed}-burst")
     out = {"burst@inf": [(0.0, lognormal(rng, 600, 1.0, 16, 6000), rng.randint(8, 40)) for _ in range(48)]}
     for name, n, rates, prompt, output in (
-            ("chat", 32, (8.0, 32.0), lambda r: lognormal(r, 256, 0.9, 16, 3000), lambda r: lognormal(r, 28, 0.5, 4, 64)),
+            ("chat", 32, (8.0, 32.0), lambda r: lognormal(r, 256, 0.9, 16, 3000),
+             lambda r: lognormal(r, 28, 0.5, 4, 64)),
             ("long", 8, (2.0, 8.0), lambda r: r.randint(2048, 7168), lambda r: r.randint(12, 24))):
         for rate in rates:
             rng = random.Random(f"{seed}-{name}-{rate}")

@@ -128,7 +128,8 @@ def process_group(device: str, size: int) -> str:
         if device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1")))
+                                rank=int(os.environ.get("RANK", "0")),
+                                world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if dist.get_world_size() != size:
         sys.exit(f"error: this collective runs over {size} ranks, not {dist.get_world_size()}: "
                  f"torchrun --nproc-per-node {size} ...")

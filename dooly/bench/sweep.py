@@ -20,7 +20,8 @@ from ..ir.expr import evaluate
 
 # Largest request quantities profiled: tokens in a step, requests, keys (past + new) of all requests in a step,
 # a request's keys (32k context plus its chunk), and elements of a pointwise op.
-LIMITS = {"T": 16384, "R": 1024, "K": 262144, "Ks": 262144, "Kmax": 32768 + 16384, "Tmax": 16384, "q": 16384, "k": 32768 + 16384}
+LIMITS = {"T": 16384, "R": 1024, "K": 262144, "Ks": 262144, "Kmax": 32768 + 16384, "Tmax": 16384, "q": 16384,
+          "k": 32768 + 16384}
 MAX_ELEMENTS = 1 << 31  # 4 GiB of bf16: above this a single op's inputs no longer fit beside a model
 ATTENTION_WORK = 1 << 28  # T*K bound for two-axis points: a [T, K] bf16 mask of 512 MiB, ~15 ms of attention
 KEY_STEP = 4  # keys grow by this factor along a two-axis grid; refinement fills in where latency bends

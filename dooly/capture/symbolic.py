@@ -15,7 +15,6 @@ from torch.utils._sympy import functions as tsf
 
 from ..ir.expr import render
 
-
 _RULES = {
     tsf.FloorDiv: lambda a, b: sympy.floor(a / b),
     tsf.CleanDiv: lambda a, b: sympy.floor(a / b),

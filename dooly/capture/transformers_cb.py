@@ -21,10 +21,23 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..errors import DoolyError
-from ..ir.expr import to_sympy, render
+from ..ir.expr import render, to_sympy
 from ..ir.graph import Graph, Op, map_dims
-from .common import (DTYPES, EVEN_FIELDS, Capture, Trace, decoder_layers, hf_config, in_parallel, layer_counts,
-                     no_weight_init, prefix_config, shape_values, structure, trace_with_fallback)
+from .common import (
+    DTYPES,
+    EVEN_FIELDS,
+    Capture,
+    Trace,
+    decoder_layers,
+    hf_config,
+    in_parallel,
+    layer_counts,
+    no_weight_init,
+    prefix_config,
+    shape_values,
+    structure,
+    trace_with_fallback,
+)
 from .lower import lower
 from .recorder import Recorder
 from .symbolic import SymbolTable

@@ -44,8 +44,19 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..errors import DoolyError
 from ..ir.graph import Graph, Op
-from .common import (DTYPES, EVEN_FIELDS, Capture, Trace, decoder_layers, hf_config, layer_counts, prefix_config,
-                     shape_values, structure, trace_with_fallback)
+from .common import (
+    DTYPES,
+    EVEN_FIELDS,
+    Capture,
+    Trace,
+    decoder_layers,
+    hf_config,
+    layer_counts,
+    prefix_config,
+    shape_values,
+    structure,
+    trace_with_fallback,
+)
 from .lower import attr_value, lower, tensor_spec
 from .recorder import Recorder
 from .symbolic import SymbolTable
@@ -54,7 +65,14 @@ os.environ["VLLM_TARGET_DEVICE"] = "cpu"  # read when vLLM first resolves its pl
 
 import vllm  # noqa: E402
 from vllm.config import (  # noqa: E402
-    CacheConfig, CompilationConfig, DeviceConfig, ModelConfig as VllmModelConfig, VllmConfig, set_current_vllm_config,
+    CacheConfig,
+    CompilationConfig,
+    DeviceConfig,
+    VllmConfig,
+    set_current_vllm_config,
+)
+from vllm.config import (
+    ModelConfig as VllmModelConfig,
 )
 from vllm.forward_context import set_forward_context  # noqa: E402
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402

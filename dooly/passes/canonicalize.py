@@ -170,7 +170,8 @@ def signature(op: Op, config: dict[str, int], backend: str, exact: bool = False)
     sized = [(i, t) for i, t in enumerate(op.tensors())]
     request = sorted({simplify(d.expr, config) for i, t in sized for j, d in enumerate(t.shape) if (i, j) not in free
                       and d.kind in ("request", "mix")} | {simplify(d.expr, config) for _, t in sized
-                      for j, d in enumerate(t.strides or ()) if t.shape[j].expr != "1" and d.kind in ("request", "mix")})
+                      for j, d in enumerate(t.strides or ())
+                      if t.shape[j].expr != "1" and d.kind in ("request", "mix")})
     if exact:
         binding = {s: s for e in request for s in names(e)}
         axis_of = lambda text: text  # noqa: E731

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DoolyError
+from ..errors import DoolyError, command
 
 _GROUP = re.compile(r"(?:prefill:(\d+)x(\d+)(?:\+(\d+))?|decode:(\d+)@(\d+))")
 
@@ -82,6 +82,7 @@ def breakdown(p, i: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us"])
 
 
+@command
 def fit_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dooly fit", description="fit (or reload) the regressors of a store and "
                                      "print their held-out error")
@@ -123,6 +124,7 @@ def fit_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@command
 def predict_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dooly predict", description="predicted latency of engine steps",
                                      epilog=__doc__.split("\n\n")[2], formatter_class=argparse.RawTextHelpFormatter)

@@ -260,4 +260,5 @@ def load_predictor(graph: Graph, store, env: str, layers: int | None = None) -> 
     return Predictor(graph, ops, host, environment.attention_backend, layers)
 
 
-__all__ = ["Batches", "Extrapolation", "Prediction", "Predictor", "Signature", "Step", "environment_name", "load_predictor"]
+__all__ = ["Batches", "Extrapolation", "Prediction", "Predictor", "Signature", "Step", "environment_name",
+           "load_predictor"]

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import DoolyError
+from ..errors import DoolyError, command
 from . import workload
 
 
@@ -59,6 +59,7 @@ def plots(outcome, out: Path, title: str) -> list[Path]:
     return paths
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dooly simulate", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -91,7 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     from ..config import load_config
     from ..predict import environment_name, load_predictor
     from ..store import Store
-    from . import ContinuousBatching, Knobs, StepTime, VLLMv1, load_trace, simulate, summary, synthetic
+    from . import (
+        ContinuousBatching,
+        Knobs,
+        StepTime,
+        VLLMv1,
+        load_trace,
+        simulate,
+        summary,
+        synthetic,
+    )
     from .engine import H100_BYTES, cache_size
 
     requests = load_trace(args.trace) if args.trace else synthetic(args.synthetic, args.seed)

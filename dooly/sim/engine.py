@@ -27,8 +27,10 @@ def cache_size(cfg, gpu_bytes: int = H100_BYTES, block_size: int = 256, max_batc
     """The cache the engine would allocate for the model of `cfg` (a `dooly.config.ModelConfig`), in bf16."""
     import torch
     from transformers import ContinuousBatchingConfig
-    from transformers.generation.continuous_batching.cache import (PagedAttentionMemoryHandler,
-                                                                   group_layers_by_attn_type)
+    from transformers.generation.continuous_batching.cache import (
+        PagedAttentionMemoryHandler,
+        group_layers_by_attn_type,
+    )
 
     from ..capture.common import no_weight_init
     from ..capture.transformers_cb import hf_config, model_class
@@ -47,7 +49,8 @@ def cache_size(cfg, gpu_bytes: int = H100_BYTES, block_size: int = 256, max_batc
     cb = ContinuousBatchingConfig(block_size=block_size, max_batch_tokens=max_batch_tokens,
                                   max_memory_percent=max_memory_percent)
     try:
-        tokens, blocks = Handler(config, cb, torch.bfloat16, types, len(groups[0])).infer_max_batch_tokens_and_num_blocks()
+        handler = Handler(config, cb, torch.bfloat16, types, len(groups[0]))
+        tokens, blocks = handler.infer_max_batch_tokens_and_num_blocks()
     except (MemoryError, ValueError):
         raise DoolyError(f"{cfg.name}: {weights / 2**30:.1f} GiB of weights leave no room for a KV cache in "
                          f"{gpu_bytes / 2**30:.1f} GiB") from None

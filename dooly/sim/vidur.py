@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DoolyError
+from ..errors import DoolyError, command
 
 MLP_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
            "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")
@@ -144,6 +144,7 @@ def export(graph, predictor, out: Path, block_size: int = 256) -> dict:
             "extrapolated": sorted(set(p.extrapolated) | set(a.extrapolated))}
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dooly export-vidur", description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path, help="a config.json, or a compiled IR (.ir, model.json)")

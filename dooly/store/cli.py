@@ -6,11 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import DoolyError
+from ..errors import command
 from .db import Store
 from .portable import export, import_
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dooly store", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -23,35 +24,31 @@ def main(argv: list[str] | None = None) -> int:
     into.add_argument("store", type=Path)
     into.add_argument("file", type=Path)
     args = parser.parse_args(argv)
-    try:
-        store = Store(args.store, create=args.action == "import")
-        if args.action == "info":
-            from rich.console import Console
-            from rich.table import Table
+    store = Store(args.store, create=args.action == "import")
+    if args.action == "info":
+        from rich.console import Console
+        from rich.table import Table
 
-            table = Table(title=f"{args.store}")
-            for col in ("environment", "GPU", "torch / CUDA", "engine", "dtype", "attention", "signatures",
-                        "points", "GPU-s"):
-                table.add_column(col)
-            for env in store.environments():
-                env_id, _ = store.environment(env.name)
-                sigs, points = store.db.execute(
-                    "SELECT COUNT(DISTINCT signature), COUNT(*) FROM measurements WHERE environment = ? AND "
-                    "status = 'ok'", (env_id,)).fetchone()
-                spent = store.db.execute("SELECT COALESCE(SUM(gpu_seconds), 0) FROM sweeps WHERE environment = ?",
-                                         (env_id,)).fetchone()[0]
-                table.add_row(env.name, env.gpu, f"{env.torch} / {env.cuda}", f"{env.engine} {env.engine_version}",
-                              env.dtype, env.attention_backend, str(sigs), str(points), f"{spent:.1f}")
-            console = Console()
-            console.print(table)
-            console.print("rows: " + ", ".join(f"{k} {v}" for k, v in store.counts().items()))
-        elif args.action == "export":
-            print(f"wrote {export(store, args.file)} rows to {args.file}")
-        else:
-            print(f"imported {import_(store, args.file)} new rows into {args.store}")
-    except DoolyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        table = Table(title=f"{args.store}")
+        for col in ("environment", "GPU", "torch / CUDA", "engine", "dtype", "attention", "signatures",
+                    "points", "GPU-s"):
+            table.add_column(col)
+        for env in store.environments():
+            env_id, _ = store.environment(env.name)
+            sigs, points = store.db.execute(
+                "SELECT COUNT(DISTINCT signature), COUNT(*) FROM measurements WHERE environment = ? AND "
+                "status = 'ok'", (env_id,)).fetchone()
+            spent = store.db.execute("SELECT COALESCE(SUM(gpu_seconds), 0) FROM sweeps WHERE environment = ?",
+                                     (env_id,)).fetchone()[0]
+            table.add_row(env.name, env.gpu, f"{env.torch} / {env.cuda}", f"{env.engine} {env.engine_version}",
+                          env.dtype, env.attention_backend, str(sigs), str(points), f"{spent:.1f}")
+        console = Console()
+        console.print(table)
+        console.print("rows: " + ", ".join(f"{k} {v}" for k, v in store.counts().items()))
+    elif args.action == "export":
+        print(f"wrote {export(store, args.file)} rows to {args.file}")
+    else:
+        print(f"imported {import_(store, args.file)} new rows into {args.store}")
     return 0
 
 

@@ -96,7 +96,8 @@ class Store:
             raise DoolyError(f"{self.path}: the store has schema version {version}, newer than this Dooly "
                              f"reads ({SCHEMA_VERSION}); upgrade Dooly to use it")
         if version == 0 and tables:
-            raise DoolyError(f"{self.path}: an SQLite file, but not a Dooly store (tables: {', '.join(sorted(tables))})")
+            raise DoolyError(f"{self.path}: an SQLite file, but not a Dooly store "
+                             f"(tables: {', '.join(sorted(tables))})")
 
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
