@@ -38,12 +38,18 @@ def lognormal(rng: random.Random, median: float, sigma: float, lo: int, hi: int)
     return max(lo, min(hi, int(round(median * pow(2.718281828, rng.gauss(0, sigma))))))
 
 
-def traces(seed: int = 0) -> dict[str, list[tuple[float, int, int]]]:
+def traces(max_context: int, seed: int = 0) -> dict[str, list[tuple[float, int, int]]]:
     """(arrival s, prompt tokens, output tokens) per request: a ShareGPT-like chat mix and a long-prompt mix, each
-    at a low and a high arrival rate (Poisson), and a burst of requests all arriving at once, whose steps are the
-    same in every run (the scheduler is deterministic when arrivals do not race it): step ground truth."""
-    rng = random.Random(f"{seed}-burst")
-    out = {"burst@inf": [(0.0, lognormal(rng, 600, 1.0, 16, 6000), rng.randint(8, 40)) for _ in range(48)]}
+    at a low and a high arrival rate (Poisson), and three bursts of requests all arriving at once, whose steps are
+    the same in every run (the scheduler is deterministic when arrivals do not race it): step ground truth over
+    mixed batches, long decodes of many requests, and contexts up to 32k (or the model's `max_context`)."""
+    out, longest = {}, min(30000, max_context - 32)
+    for name, n, prompt, output in (
+            ("burst", 48, lambda r: lognormal(r, 600, 1.0, 16, 6000), lambda r: r.randint(8, 40)),
+            ("decode", 48, lambda r: lognormal(r, 200, 0.8, 16, 1500), lambda r: r.randint(16, 80)),
+            ("longctx", 6, lambda r: r.randint(min(4096, longest // 2), longest), lambda r: r.randint(8, 16))):
+        rng = random.Random(f"{seed}-{name}")
+        out[f"{name}@inf"] = [(0.0, prompt(rng), output(rng)) for _ in range(n)]
     for name, n, rates, prompt, output in (
             ("chat", 32, (8.0, 32.0), lambda r: lognormal(r, 256, 0.9, 16, 3000),
              lambda r: lognormal(r, 28, 0.5, 4, 64)),
@@ -71,7 +77,7 @@ def run_model(name: str, backend: str, graphs: bool, repeats: int, log, only: tu
               "environment": dataclasses.asdict(detect_environment(backend if backend in BACKENDS else "sdpa")),
               "traces": {}}
     engine.run([(0.0, 64, 4), (0.0, 900, 4)])  # warm-up of the process: first kernels, allocator, handles
-    for trace, requests in traces().items():
+    for trace, requests in traces(zoo(name).get("max_position_embeddings", 32768)).items():
         if only and trace.split("@")[0] not in only:
             continue
         runs = []
@@ -99,7 +105,7 @@ def main():
     parser.add_argument("--graphs", action="store_true", help="the engine with CUDA graphs on")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=float("inf"))
-    parser.add_argument("--traces", nargs="+", default=[], choices=["chat", "long", "burst"],
+    parser.add_argument("--traces", nargs="+", default=[], choices=["chat", "long", "burst", "decode", "longctx"],
                         help="only these traces (default: all)")
     args = parser.parse_args()
     folder = args.out / (args.backend + ("-graphs" if args.graphs else ""))
@@ -111,7 +117,7 @@ def main():
             break
         path = folder / f"{name}.json"
         done = json.loads(path.read_text()) if path.exists() else None
-        wanted = set(args.traces) or {t.split("@")[0] for t in traces()}
+        wanted = set(args.traces) or {t.split("@")[0] for t in traces(32768)}
         if done is not None and wanted <= {t.split("@")[0] for t in done["traces"]}:
             continue
         t = time.perf_counter()
