@@ -28,6 +28,16 @@ from .passes.dedup import dedup
 DEFAULT_BACKEND = "paged|sdpa"
 
 
+def signature_uses(graphs: list[Graph], backend: str, exact: bool = False) -> dict[str, tuple[Signature, list]]:
+    """Each signature the graphs use, by hash, with the request-dim bindings of all its uses (what its sweep must
+    cover)."""
+    out: dict[str, tuple[Signature, list[dict[str, str]]]] = {}
+    for g in graphs:
+        for u in uses(g, backend, exact):
+            out.setdefault(u.signature.hash, (u.signature, []))[1].append(u.binding)
+    return out
+
+
 def sweep_limits(sig: Signature, bindings: list[dict[str, str]]) -> dict[str, int]:
     return {a: max(axis_limit(b, a) for b in bindings) for a in sig.axes}
 
@@ -52,27 +62,14 @@ class ModelPlan:
 def plan(graphs: list[Graph], backend: str, measured_cost: dict[str, float]) -> tuple[list[ModelPlan], float,
                                                                                       float]:
     """Per-model rows, Dooly's total GPU-seconds, the baseline's."""
-    bindings: dict[str, list[dict[str, str]]] = {}
-    signatures: dict[str, Signature] = {}
-    for g in graphs:
-        for u in uses(g, backend):
-            bindings.setdefault(u.signature.hash, []).append(u.binding)
-            signatures[u.signature.hash] = u.signature
-
-    def cost(sig: Signature, binds) -> float:
-        if sig.hash in measured_cost:
-            return measured_cost[sig.hash]
-        return estimate_s(sig, sweep_limits(sig, binds))
-
-    costs = {h: cost(s, bindings[h]) for h, s in signatures.items()}
+    costs = {h: measured_cost[h] if h in measured_cost else estimate_s(s, sweep_limits(s, b))
+             for h, (s, b) in signature_uses(graphs, backend).items()}
     have = set(measured_cost)
     rows, total = [], 0.0
     for g in graphs:
         split = dedup(g, backend, have)
         new = sum(costs[h] for h in split.to_profile)
-        exact = {}
-        for u in uses(g, backend, exact=True):
-            exact.setdefault(u.signature.hash, (u.signature, []))[1].append(u.binding)
+        exact = signature_uses([g], backend, exact=True)
         baseline = sum(estimate_s(s, sweep_limits(s, b)) for s, b in exact.values())
         ops = sum(u.count for u in split.uses)
         rows.append(ModelPlan(g.model, ops, len(split.measured) + len(split.to_profile), len(split.measured),

@@ -189,19 +189,15 @@ def run(args) -> int:
     from .bench.sweep import initial_points
     from .compile import load_model
     from .passes import codegen
-    from .passes.canonicalize import uses
-    from .plan import sweep_limits
+    from .plan import signature_uses, sweep_limits
     from .store import Store
 
     start = time.monotonic()
     store = Store(args.store)
     env = store.add_environment(detect_environment(args.backend))
     console = Console()
-    bindings, signatures = {}, {}
-    for path in args.config:
-        for u in uses(load_model(path), env.attention_backend):
-            bindings.setdefault(u.signature.hash, []).append(u.binding)
-            signatures.setdefault(u.signature.hash, u.signature)
+    used = signature_uses([load_model(path) for path in args.config], env.attention_backend)
+    signatures = {h: sig for h, (sig, _) in used.items()}
     done = store.measured(env.name)
     collectives = [s for h, s in signatures.items() if h not in done and s.family == "collective"]
     if collectives:  # they run in several processes, one a GPU: not from this single process
@@ -213,7 +209,7 @@ def run(args) -> int:
     for sig in todo:
         store.add_signature(sig)
     paths = codegen.write(todo, args.out or args.store.parent / "bench")
-    limits = {s.hash: sweep_limits(s, bindings[s.hash]) for s in todo}
+    limits = {s.hash: sweep_limits(s, used[s.hash][1]) for s in todo}
     total = sum(len(initial_points(s.axes, limits[s.hash], BACKENDS[args.backend][2]))
                 * (len(ROUTINGS) if s.family == "moe" else 1) for s in todo)
     console.print(f"[b]{env.name}[/b]: {len(signatures)} signatures, {len(done & signatures.keys())} in the store, "

@@ -43,7 +43,7 @@ class FakeBench:
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory, monkeypatch_module):
     from dooly.bench.timer import Timing
-    from dooly.plan import sweep_limits
+    from dooly.plan import signature_uses, sweep_limits
 
     monkeypatch_module.setattr("dooly.bench.timer.measure",
                                lambda make_inputs, run, device: Timing([fake_us(make_inputs()[0])] * 15, 1, 1, True,
@@ -51,14 +51,10 @@ def fake(tmp_path_factory, monkeypatch_module):
     graph = compile_dict(tiny_llama(), "tiny-llama")
     store = Store(tmp_path_factory.mktemp("fake") / "fake.sqlite")
     store.add_environment(env())
-    bindings, sigs = {}, {}
-    for u in uses(graph, "paged|sdpa"):
-        bindings.setdefault(u.signature.hash, []).append(u.binding)
-        sigs[u.signature.hash] = u.signature
     sweeper = Sweeper(store, ENV, "sdpa", float("inf"), device="cpu")
-    for h, sig in sigs.items():
+    for sig, bindings in signature_uses([graph], "paged|sdpa").values():
         store.add_signature(sig)
-        sweeper.sweep(FakeBench(), sig, sweep_limits(sig, bindings[h]))
+        sweeper.sweep(FakeBench(), sig, sweep_limits(sig, bindings))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fake store has no host calibration
         predictor = load_predictor(graph, store, ENV)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 QUERIES = (1, 2, 27, 48)
 KEY_OFFSETS = range(8)  # one key count of each residue modulo 8: alignment could change the backend
@@ -22,17 +25,17 @@ def point(heads: int, dim: int, t: int, k: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from dooly.bench.host import attention_inputs
+
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    q = torch.randn(1, heads, t, dim, dtype=torch.bfloat16, device="cuda")
-    kv = torch.randn(1, heads, k, dim, dtype=torch.bfloat16, device="cuda")
-    mask = torch.zeros(1, 1, t, k, dtype=torch.bfloat16, device="cuda")
+    *qkv, mask = attention_inputs(heads, dim, t, k)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    sdpa(q, kv, kv, attn_mask=mask)
+    sdpa(*qkv, attn_mask=mask)
     torch.cuda.synchronize()
     first = time.perf_counter() - start
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        sdpa(q, kv, kv, attn_mask=mask)
+        sdpa(*qkv, attn_mask=mask)
         torch.cuda.synchronize()
     kernels = sorted({e.key for e in prof.key_averages() if e.device_type.name == "CUDA"})
     return {"heads": heads, "head_dim": dim, "T": t, "K": k, "first_call_ms": first * 1e3, "kernels": kernels}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import json
 import pstats
 import statistics
@@ -58,10 +57,7 @@ def profile_trace(engine, requests, top: int) -> dict:
 
 
 def main():
-    import torch
-    from validate import traces
-
-    from dooly.bench.engine import Engine, zoo
+    from validate import model_traces, warm_engine
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -71,17 +67,13 @@ def main():
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
-        engine = Engine(zoo(name))
-        engine.run([(0.0, 64, 4), (0.0, 900, 4)])
-        wanted = traces(zoo(name).get("max_position_embeddings", 32768))
-        result = {trace: profile_trace(engine, wanted[trace], args.top) for trace in args.traces}
+        wanted = model_traces(name)
+        with warm_engine(name) as engine:
+            result = {trace: profile_trace(engine, wanted[trace], args.top) for trace in args.traces}
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
         for trace, r in result.items():
             print(f"{name} {trace}: {r['steps']} steps, launch {r['launch_ms']:.1f} ms; own time per step: "
                   + ", ".join(f"{f['function']} {f['own_ms_per_step']:.1f}" for f in r["by_own"][:5]), flush=True)
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()  # the engine's KV cache, before the next model asks for its own
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ ever used to fit a predictor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import gc
 import json
 import random
 import sys
@@ -64,36 +64,49 @@ def traces(max_context: int, seed: int = 0) -> dict[str, list[tuple[float, int, 
     return out
 
 
-def run_model(name: str, backend: str, graphs: bool, repeats: int, log, only: tuple[str, ...] = ()) -> dict:
-    import torch
+def model_traces(name: str) -> dict[str, list[tuple[float, int, int]]]:
+    from dooly.bench.engine import zoo
 
+    return traces(zoo(name).get("max_position_embeddings", 32768))
+
+
+@contextlib.contextmanager
+def warm_engine(name: str, **options):
+    """A zoo model in the engine (random weights), its process warmed up; its GPU memory given back after, before
+    the next model asks for its own."""
     from dooly.bench.engine import Engine, zoo
+
+    engine = Engine(zoo(name), **options)
+    try:
+        engine.run([(0.0, 64, 4), (0.0, 900, 4)])  # warm-up of the process: first kernels, allocator, handles
+        yield engine
+    finally:
+        engine.close()
+
+
+def run_model(name: str, backend: str, graphs: bool, repeats: int, log, only: tuple[str, ...] = ()) -> dict:
     from dooly.profile import BACKENDS, detect_environment
 
     layers = REDUCED_DEPTH.get(name)
-    cb = {"use_cuda_graph": True} if graphs else {}
-    engine = Engine(zoo(name), layers=layers, cb=cb, sdpa_kernel=SDPA_KERNELS[backend])
     result = {"model": name, "layers": layers, "backend": backend, "cuda_graphs": graphs,
               "environment": dataclasses.asdict(detect_environment(backend if backend in BACKENDS else "sdpa")),
               "traces": {}}
-    engine.run([(0.0, 64, 4), (0.0, 900, 4)])  # warm-up of the process: first kernels, allocator, handles
-    for trace, requests in traces(zoo(name).get("max_position_embeddings", 32768)).items():
-        if only and trace.split("@")[0] not in only:
-            continue
-        runs = []
-        for repeat in range(repeats + 1):  # the first run of each trace is a warm-up, discarded
-            t = time.perf_counter()
-            steps, reqs = engine.run(requests)
-            if repeat:
-                runs.append({"steps": [dataclasses.asdict(s) for s in steps],
-                             "requests": [dataclasses.asdict(r) for r in reqs]})
-            log(f"  {name} {trace} run {repeat}: {len(steps)} steps, {len(reqs)}/{len(requests)} requests, "
-                f"{time.perf_counter() - t:.1f} s")
-        result["traces"][trace] = {"requests": requests, "runs": runs}
-    result["cb_config"] = engine.resolved_config()
-    del engine
-    gc.collect()
-    torch.cuda.empty_cache()
+    with warm_engine(name, layers=layers, cb={"use_cuda_graph": True} if graphs else {},
+                     sdpa_kernel=SDPA_KERNELS[backend]) as engine:
+        for trace, requests in model_traces(name).items():
+            if only and trace.split("@")[0] not in only:
+                continue
+            runs = []
+            for repeat in range(repeats + 1):  # the first run of each trace is a warm-up, discarded
+                t = time.perf_counter()
+                steps, reqs = engine.run(requests)
+                if repeat:
+                    runs.append({"steps": [dataclasses.asdict(s) for s in steps],
+                                 "requests": [dataclasses.asdict(r) for r in reqs]})
+                log(f"  {name} {trace} run {repeat}: {len(steps)} steps, {len(reqs)}/{len(requests)} requests, "
+                    f"{time.perf_counter() - t:.1f} s")
+            result["traces"][trace] = {"requests": requests, "runs": runs}
+        result["cb_config"] = engine.resolved_config()
     return result
 
 

@@ -93,6 +93,15 @@ class Engine:
         self.steps: list[Step] = []
         self.runs = 0
 
+    def close(self) -> None:
+        """Let go of the model, and with it the engine's manager and KV cache, and give their GPU memory back."""
+        import gc
+
+        self.model = None
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
     def resolved_config(self) -> dict:
         """The engine's ContinuousBatchingConfig as it resolved it at run time (cache size, batch limits, graphs)."""
         manager = getattr(self.model, "_cached_continuous_batching_manager", None)

@@ -14,9 +14,9 @@ import sys
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32, "f64": torch.float64,
-          "i64": torch.int64, "i32": torch.int32, "i16": torch.int16, "i8": torch.int8, "u8": torch.uint8,
-          "bool": torch.bool}
+from ..ir.graph import DTYPES as IR_DTYPES
+
+DTYPES = {short: getattr(torch, name.removeprefix("torch.")) for name, short in IR_DTYPES.items()}
 FREE_ROWS = 65536  # rows of a gathered-from table whose size does not change the kernel
 
 

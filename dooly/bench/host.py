@@ -70,6 +70,15 @@ def calibrate(store, env_name: str, device: str = "cuda", budget_s: float = 120.
     return rows
 
 
+def attention_inputs(heads: int, head_dim: int, t: int, k: int, device: str = "cuda") -> tuple:
+    """The engine's float-mask SDPA call at `t` queries and `k` keys: query, key and value `[1, heads, n,
+    head_dim]`, and the mask `[1, 1, t, k]`, in bf16."""
+    import torch
+
+    qkv = [torch.randn(1, heads, n, head_dim, dtype=torch.bfloat16, device=device) for n in (t, k, k)]
+    return (*qkv, torch.zeros(1, 1, t, k, dtype=torch.bfloat16, device=device))
+
+
 def first_calls(store, env_name: str, backend: str, shapes: int = 6) -> int:
     """Host time of an attention call at a shape the process has not seen, above its steady time.
 
@@ -93,8 +102,7 @@ def first_calls(store, env_name: str, backend: str, shapes: int = 6) -> int:
         for i in range(shapes):
             t = rng.randint(1, 64) if i % 2 == 0 else rng.randint(300, 3000)
             k = t + rng.randint(1000, 30000)
-            args = [torch.randn(1, heads, n, dim, dtype=torch.bfloat16, device="cuda") for n in (t, k, k)]
-            mask = torch.zeros(1, 1, t, k, dtype=torch.bfloat16, device="cuda")
+            *args, mask = attention_inputs(heads, dim, t, k)
             times = []
             with backend_context(backend):
                 for _ in range(3):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from ..ir.expr import evaluate
+from .timer import MAX_LAUNCHES, MIN_REPLAY_S, REPLAYS
 
 PEAK_FLOPS = {"bf16": 790e12, "f16": 790e12, "f32": 60e12}
 BANDWIDTH = 3.0e12
@@ -65,15 +66,13 @@ def roofline_s(canonical: dict, point: dict[str, int], dtype: str = "bf16") -> f
     return max(compute, moved / BANDWIDTH) + LAUNCH_S
 
 
-# What one measured point costs the profiler (see dooly.bench.timer): set-up and graph capture, then replays of
-# a graph of enough launches to last MIN_REPLAY_S.
+# What one measured point costs the profiler (see dooly.bench.timer): set-up and graph capture, then the timed
+# replays and at least two warm-up ones, of a graph of enough launches to last MIN_REPLAY_S.
 POINT_SETUP_S = 0.015
-REPLAYS = 17
-MIN_REPLAY_S = 200e-6
 REFINED_SHARE = 0.3  # refinement adds about this share of the initial grid (measured: see README)
 
 
 def point_cost_s(canonical: dict, point: dict[str, int]) -> float:
     t = roofline_s(canonical, point)
-    launches = max(1, min(64, math.ceil(MIN_REPLAY_S / t)))
-    return POINT_SETUP_S + REPLAYS * launches * t
+    launches = max(1, min(MAX_LAUNCHES, math.ceil(MIN_REPLAY_S / t)))
+    return POINT_SETUP_S + (REPLAYS + 2) * launches * t

@@ -95,19 +95,21 @@ def shard(graph: Graph, tp: int, plan: dict[str, str]) -> Graph:
         op = replace(op, inputs=tuple(t if t.src is None else replace(t, src=moved[t.src]) for t in op.inputs))
         ops.append(op)
         moved[index] = len(ops) - 1
-        is_projection = op.name in ("aten.mm", "aten.addmm", "aten.linear", "aten.embedding")
-        if is_projection and op.scope in reduce_after:
-            out = replace(op.outputs[0], src=len(ops) - 1)
-            ops.append(Op(ALL_REDUCE, (out,), (replace(out, src=None),), {"reduce_op": "sum", "group_size": tp},
-                          op.scope, op.count, op.per, op.when))
-            moved[index] = len(ops) - 1
-        elif is_projection and op.scope in gather_after:
-            out = replace(op.outputs[0], src=len(ops) - 1)
+        if op.name not in ("aten.mm", "aten.addmm", "aten.linear", "aten.embedding"):
+            continue
+        out = replace(op.outputs[0], src=len(ops) - 1)
+        if op.scope in reduce_after:
+            collective = Op(ALL_REDUCE, (out,), (replace(out, src=None),), {"reduce_op": "sum", "group_size": tp},
+                            op.scope, op.count, op.per, op.when)
+        elif op.scope in gather_after:
             rows, cols = out.shape
             gathered = TensorSpec(out.dtype, (Dim(f"({rows.expr})*tp", "mix" if rows.kind != "config" else "config",
                                                   None), cols))
-            ops.append(Op(ALL_GATHER, (out,), (gathered,), {"group_size": tp}, op.scope, op.count, op.per, op.when))
-            moved[index] = len(ops) - 1
+            collective = Op(ALL_GATHER, (out,), (gathered,), {"group_size": tp}, op.scope, op.count, op.per, op.when)
+        else:
+            continue
+        ops.append(collective)  # its output now stands for the projection's
+        moved[index] = len(ops) - 1
     if not any(op.name == ALL_REDUCE for op in ops):
         raise DoolyError(f"{graph.model}: the TP plan names no row-parallel projection this IR has")
     return graph.with_ops(ops, tp=tp, config=values, tp_plan=dict(plan))

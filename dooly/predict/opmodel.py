@@ -159,10 +159,10 @@ def _loo_mape(grid: Grid) -> list[float]:
     return errs
 
 
-def fit(store, env: str, folds: int = 5) -> OpModel:
+def fit(rows: dict, sigs: dict, folds: int = 5) -> OpModel:
+    """Grids and regressors from `_measurements`' rows and signatures."""
     from sklearn.model_selection import KFold
 
-    rows, sigs = _measurements(store, env)
     grids = {h: Grid.build(sigs[h][1], r) for h, r in rows.items() if r}
     regressors, cv = {}, {}
     for family in FAMILIES:
@@ -197,17 +197,18 @@ def load_or_fit(store, env: str, refit: bool = False) -> tuple[OpModel, bool]:
     """The fitted model of `env`, from disk if it was fitted on exactly the store's current measurements."""
     import pickle
 
-    rows, _ = _measurements(store, env)
+    rows, sigs = _measurements(store, env)
+    stamp_of_rows = digest(rows)
     folder = model_dir(store.path, env)
     stamp = folder / "digest.json"
     if not refit and stamp.exists():
         saved = json.loads(stamp.read_text())
-        if saved.get("digest") == digest(rows) and (folder / "model.pkl").exists():
+        if saved.get("digest") == stamp_of_rows and (folder / "model.pkl").exists():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return pickle.loads((folder / "model.pkl").read_bytes()), False
-    model = fit(store, env)
+    model = fit(rows, sigs)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.pkl").write_bytes(pickle.dumps(model))
-    stamp.write_text(json.dumps({"digest": digest(rows), "environment": env, "cv": model.cv}, indent=1))
+    stamp.write_text(json.dumps({"digest": stamp_of_rows, "environment": env, "cv": model.cv}, indent=1))
     return model, True

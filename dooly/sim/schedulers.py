@@ -75,6 +75,13 @@ class Blocks:
         state.blocks = 0
 
 
+def preempt(state: State, blocks: Blocks, waiting: deque[State]) -> None:
+    """Take a running request's cache away and queue it first, to prefill again (the engines recompute)."""
+    blocks.release(state)
+    state.evicted()
+    waiting.appendleft(state)
+
+
 class ContinuousBatching:
     def __init__(self, num_blocks: int, block_size: int = 256, max_batch_tokens: int = 8192,
                  max_requests_per_batch: int = 1024, safety_margin: float = 0.15):
@@ -116,14 +123,9 @@ class ContinuousBatching:
                 break
         if not out and self.active:  # the cache is full: the engine offloads the latest request to make room
             victim = list(self.active.values())[-1]
-            self._evict(victim)
+            del self.active[victim.request.id]
+            preempt(victim, self.blocks, self.waiting)
         return out
-
-    def _evict(self, state: State) -> None:
-        self.blocks.release(state)
-        del self.active[state.request.id]
-        state.evicted()
-        self.waiting.appendleft(state)
 
     def finish(self, state: State) -> None:
         self.blocks.release(state)
@@ -152,9 +154,7 @@ class VLLMv1:
             tokens = min(state.prefill_left, budget) if state.prefill_left else 1
             while not self.blocks.take(state, tokens):
                 victim = self.running.pop()  # preempt the latest admitted request
-                self.blocks.release(victim)
-                victim.evicted()
-                self.waiting.appendleft(victim)
+                preempt(victim, self.blocks, self.waiting)
                 if victim is state:
                     break
             else:

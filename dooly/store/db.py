@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import DoolyError
-from .schema import MIGRATIONS, SCHEMA_VERSION
+from .schema import MIGRATIONS, SCHEMA_VERSION, TABLES
 
 BACKEND_FAMILIES = {"attention"}  # families whose kernel depends on the attention backend
 
@@ -162,13 +162,17 @@ class Store:
             self._env_cache[name] = (row["id"], self._environment(row))
         return self._env_cache[name]
 
+    def _same_machine(self, env_name: str) -> tuple[int, list[int]]:
+        """`env_name`'s id, and the ids of the environments that differ from it at most in the attention backend
+        (itself first): their measurements of a family outside BACKEND_FAMILIES stand for its own."""
+        env_id, env = self.environment(env_name)
+        others = [self.environment(e.name)[0] for e in self.environments() if e.base() == env.base()]
+        return env_id, [env_id] + [i for i in others if i != env_id]
+
     def _usable(self, env_name: str, family: str) -> list[int]:
         """Environments whose measurements of a family stand for `env_name`'s, the environment itself first."""
-        env_id, env = self.environment(env_name)
-        if family in BACKEND_FAMILIES:
-            return [env_id]
-        others = [self.environment(e.name)[0] for e in self.environments() if e.base() == env.base()]
-        return [env_id] + [i for i in others if i != env_id]
+        env_id, same = self._same_machine(env_name)
+        return [env_id] if family in BACKEND_FAMILIES else same
 
     # signatures and measurements
 
@@ -209,8 +213,7 @@ class Store:
 
     def measured(self, env_name: str) -> dict[str, float]:
         """Signatures with a finished sweep usable in `env_name`, with the GPU-seconds that sweep cost."""
-        env_id, env = self.environment(env_name)
-        same_base = [self.environment(e.name)[0] for e in self.environments() if e.base() == env.base()]
+        env_id, same_base = self._same_machine(env_name)
         rows = self.db.execute(
             f"SELECT s.signature, s.environment, s.gpu_seconds, g.family FROM sweeps s JOIN signatures g"
             f" ON g.hash = s.signature WHERE s.environment IN ({','.join('?' * len(same_base))})", same_base)
@@ -232,20 +235,18 @@ class Store:
     def measured_points(self, env_name: str) -> dict[str, dict[str, dict]]:
         """signature -> point key -> row, for every signature with measurements usable in `env_name` (its own
         measurements where it has them, else those of an environment of the same machine)."""
-        env_id, env = self.environment(env_name)
-        ids = {self.environment(e.name)[0]: e for e in self.environments()}
+        env_id, same_base = self._same_machine(env_name)
         found: dict[str, dict[int, dict[str, dict]]] = {}
         rows = self.db.execute("SELECT m.*, g.family FROM measurements m JOIN signatures g ON g.hash = m.signature")
         for r in rows:
-            other = ids[r["environment"]]
-            if r["environment"] != env_id and (r["family"] in BACKEND_FAMILIES or other.base() != env.base()):
+            if r["environment"] != env_id and (r["family"] in BACKEND_FAMILIES or r["environment"] not in same_base):
                 continue
             found.setdefault(r["signature"], {}).setdefault(r["environment"], {})[r["point"]] = dict(r)
         return {sig: by_env.get(env_id) or by_env[min(by_env)] for sig, by_env in found.items()}
 
     def counts(self) -> dict[str, int]:
         return {t: self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-                for t in ("environments", "signatures", "measurements", "sweeps", "host_overhead")}
+                for t in TABLES}
 
     # host overhead
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import DoolyError
 from .db import Store
-from .schema import SCHEMA_VERSION
+from .schema import SCHEMA_VERSION, TABLES
 
 FORMAT = "dooly-store"
 
@@ -21,7 +21,7 @@ def export(store: Store, path: Path) -> int:
     n = 0
     with open(path, "w") as f:
         f.write(json.dumps({"format": FORMAT, "schema": SCHEMA_VERSION}) + "\n")
-        for table in ("environments", "signatures", "measurements", "sweeps", "host_overhead"):
+        for table in TABLES:
             for row in store.db.execute(f"SELECT * FROM {table}"):
                 row = dict(row)
                 row.pop("id", None)
@@ -51,7 +51,7 @@ def import_(store: Store, path: Path) -> int:
                 table, row = item["table"], item["row"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise DoolyError(f"{path}: line {lineno} is not a store row") from None
-            if table not in ("environments", "signatures", "measurements", "sweeps", "host_overhead"):
+            if table not in TABLES:
                 raise DoolyError(f"{path}: line {lineno}: unknown table {table!r}")
             if "environment" in row:
                 if row["environment"] not in ids:

@@ -62,3 +62,4 @@ MIGRATIONS = [
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
+TABLES = ("environments", "signatures", "measurements", "sweeps", "host_overhead")
