@@ -14,11 +14,10 @@ LAUNCH_BASE, PER_KERNEL, PLAN = 4000.0, 11.0, 3000.0
 FIRST_CALLS = {(32, 64): [45000.0, 700000.0], (8, 256): [52000.0, 61000.0]}  # µs above the steady call
 
 
-@pytest.fixture(scope="module")
-def calibrated(tmp_path_factory):
+def calibration(folder, first_calls: dict) -> Store:
     """Launch = base + per kernel + a plan for each attention shape (the Gemma-2s have two), every other phase
     linear, at decode and prefill compositions, as `dooly.bench.host` records them."""
-    store = Store(tmp_path_factory.mktemp("host") / "host.sqlite")
+    store = Store(folder / "host.sqlite")
     store.add_environment(env())
     for name in SYNTHETIC:
         for layers in LAYERS[name]:
@@ -29,22 +28,32 @@ def calibrated(tmp_path_factory):
                 for phase, us in (("launch", launch), ("prepare", 700 + 30 * R), ("update", 130 + 2 * R),
                                   ("forward", launch), ("step", launch + 150)):
                     store.record_host(ENV, phase, point, us, us, 3)
-    for (heads, dim), extras in FIRST_CALLS.items():
+    for (heads, dim), extras in first_calls.items():
         for i, us in enumerate(extras):
             store.record_host(ENV, "attention_first_call", {"heads": heads, "head_dim": dim, "T": 1, "K": 100 + i},
                               us, us, 1)
-    return fit(store, ENV)
+    return store
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    return fit(calibration(tmp_path_factory.mktemp("host"), FIRST_CALLS), ENV)
 
 
 def test_fit_recovers_each_phase(calibrated):
     assert calibrated.launch == pytest.approx([LAUNCH_BASE, PER_KERNEL], rel=1e-6)
-    assert calibrated.plan_us == pytest.approx(PLAN, rel=1e-6)  # from the Gemma-2s' second attention shape
     assert calibrated.prepare[:2] == pytest.approx([700, 30], rel=1e-6)
     assert calibrated.update == pytest.approx([130, 2], rel=1e-6)
     assert calibrated.step_extra == pytest.approx(150)
 
 
-def test_a_head_configuration_takes_its_cheapest_first_call_and_others_the_fitted_plan(calibrated):
-    assert calibrated.plan_for(32, 64) == 45000.0  # the 0.7 s call also compiled a kernel: not a plan
-    assert calibrated.plan_for(8, 256) == 52000.0
-    assert calibrated.plan_for(40, 128) == pytest.approx(PLAN, rel=1e-6)
+def test_the_plan_is_the_median_first_call_of_all_heads_without_the_one_that_compiled_a_kernel(calibrated):
+    assert calibrated.plan_us == 52000.0  # of 45, 52 and 61 ms: the 0.7 s call also compiled a kernel
+
+
+def test_without_first_calls_the_plan_comes_from_the_launch_fit(tmp_path):
+    assert fit(calibration(tmp_path, {}), ENV).plan_us == pytest.approx(PLAN, rel=1e-6)  # the Gemma-2s' second shape
+
+
+def test_attention_that_builds_no_plans_costs_none(tmp_path):
+    assert fit(calibration(tmp_path, {(32, 64): [-40.0, 30.0, -10.0, 72000.0]}), ENV).plan_us == 0.0

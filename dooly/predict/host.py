@@ -9,11 +9,14 @@
     update  = a + b*R                                             reading the new tokens back
     step    = forward + g                                         the rest of the engine's generation step
 
-`p` depends on the attention's head count and size: where `dooly.bench.host.first_calls` measured it for them
-(cuDNN on the H100: 40-70 ms a shape) the cheapest of those first calls is used: the others (0.6-2 s, at decode
-shapes of some head configurations) also pay a one-time kernel compilation that a serving process has long done;
-otherwise the figure that comes out of the launch fit (the synthetic Gemma-2 has two attention shapes a step,
-the synthetic Llama one). Where attention builds no plans (the efficient and math kernels) both are near zero.
+`p` is the median of the first calls `dooly.bench.host.first_calls` measured (cuDNN on the H100: 40-72 ms a
+shape), over all head configurations together, leaving out the calls that also compiled a kernel (0.6-2 s), which
+a serving process has long done. Pooled, because the cost is not the head configuration's: successive new shapes
+cost 40-45 ms or 60-75 ms in spells of tens of calls whatever the heads (`tools/attention_plan_cost.py`), so the
+few calls of one head configuration, made back to back, share a spell, and their cheapest is the floor of the
+spell, not the typical cost. Without first calls, the figure that comes out of the launch fit is used (the
+synthetic Gemma-2 has two attention shapes a step, the synthetic Llama one). Where attention builds no plans (the
+efficient and math kernels) both are near zero.
 
 Kernel counts come from the IR of each synthetic calibration model, so the fitted costs carry over to any model
 through its own IR. Coefficients are least squares on the calibration medians, kept non-negative.
@@ -35,10 +38,6 @@ class HostModel:
     plan_us: float
     step_extra: float
     rows: int
-    plans: dict  # (heads, head_dim) -> measured plan cost, µs
-
-    def plan_for(self, heads: int, head_dim: int) -> float:
-        return self.plans.get((heads, head_dim), self.plan_us)
 
     def prepare_us(self, R, T, K, types: int):
         return self.prepare @ np.array([np.ones_like(R), R, T, K, R * (types - 1)], dtype=np.float64)
@@ -122,6 +121,13 @@ def attention_keys(graph) -> list[str]:
     return sorted(keys) or ["K"]
 
 
+def plan_cost(first_calls: list[float]) -> float:
+    """The typical plan among first calls: their median, leaving out those that also compiled a kernel (more than
+    three times the median of all)."""
+    typical = float(np.median(first_calls))
+    return max(0.0, float(np.median([us for us in first_calls if us <= 3 * typical]))) if typical > 0 else 0.0
+
+
 def fit(store, env: str) -> HostModel:
     from ..bench.host import SYNTHETIC, synthetic
     from ..compile import cached_compile
@@ -160,10 +166,8 @@ def fit(store, env: str) -> HostModel:
         if f is not None:
             extra.append(us - f)
     launch = _nonneg_lstsq(np.array(launch_X, float), np.array(launch_y))
-    firsts: dict[tuple[int, int], list[float]] = {}
-    for p, us in by_phase.get("attention_first_call", []):
-        firsts.setdefault((p["heads"], p["head_dim"]), []).append(us)
+    firsts = [us for _, us in by_phase.get("attention_first_call", [])]
     return HostModel(_nonneg_lstsq(np.array(prep_X, float), np.array(prep_y)), launch[:2],
-                     _nonneg_lstsq(np.array(upd_X, float), np.array(upd_y)), float(launch[2]),
-                     float(np.median(extra)) if extra else 0.0, len(rows),
-                     {k: max(0.0, float(min(v))) for k, v in firsts.items()})
+                     _nonneg_lstsq(np.array(upd_X, float), np.array(upd_y)),
+                     plan_cost(firsts) if firsts else float(launch[2]),
+                     float(np.median(extra)) if extra else 0.0, len(rows))

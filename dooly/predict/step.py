@@ -110,11 +110,9 @@ class Predictor:
         # `step`'s memo: the GPU time of all groups that read the same symbols, keyed by their values
         self.terms = [(per, when, needs, members, {}) for (per, when, needs), members in terms.items()]
         self.layer_scale = scale
-        attention = next((s.canonical["inputs"][0]["shape"] for s, *_ in self.groups if s.family == "attention"), None)
-        self.heads = (attention[1], attention[3]) if attention and len(attention) == 4 else (0, 0)
         self.keys = attention_keys(graph)
         self.kernels = KernelCount.of(graph, backend)
-        self.plan_us = host.plan_for(*self.heads) if host else 0.0
+        self.plan_us = host.plan_us if host else 0.0
         self.extrapolated: set[str] = set()
 
     def symbols(self, b: Batches) -> tuple[dict, dict]:
