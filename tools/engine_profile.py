@@ -59,6 +59,8 @@ def profile_trace(engine, requests, top: int) -> dict:
 def main():
     from validate import model_traces, warm_engine
 
+    from dooly.bench.engine import zoo
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--models", nargs="+", required=True)
@@ -68,7 +70,7 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         wanted = model_traces(name)
-        with warm_engine(name) as engine:
+        with warm_engine(zoo(name)) as engine:
             result = {trace: profile_trace(engine, wanted[trace], args.top) for trace in args.traces}
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
         for trace, r in result.items():

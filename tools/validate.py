@@ -71,12 +71,12 @@ def model_traces(name: str) -> dict[str, list[tuple[float, int, int]]]:
 
 
 @contextlib.contextmanager
-def warm_engine(name: str, **options):
-    """A zoo model in the engine (random weights), its process warmed up; its GPU memory given back after, before
-    the next model asks for its own."""
-    from dooly.bench.engine import Engine, zoo
+def warm_engine(config: dict, **options):
+    """A model in the engine from its config (random weights), its process warmed up; its GPU memory given back
+    after, before the next model asks for its own."""
+    from dooly.bench.engine import Engine
 
-    engine = Engine(zoo(name), **options)
+    engine = Engine(config, **options)
     try:
         engine.run([(0.0, 64, 4), (0.0, 900, 4)])  # warm-up of the process: first kernels, allocator, handles
         yield engine
@@ -85,13 +85,14 @@ def warm_engine(name: str, **options):
 
 
 def run_model(name: str, backend: str, graphs: bool, repeats: int, log, only: tuple[str, ...] = ()) -> dict:
+    from dooly.bench.engine import zoo
     from dooly.profile import BACKENDS, detect_environment
 
     layers = REDUCED_DEPTH.get(name)
     result = {"model": name, "layers": layers, "backend": backend, "cuda_graphs": graphs,
               "environment": dataclasses.asdict(detect_environment(backend if backend in BACKENDS else "sdpa")),
               "traces": {}}
-    with warm_engine(name, layers=layers, cb={"use_cuda_graph": True} if graphs else {},
+    with warm_engine(zoo(name), layers=layers, cb={"use_cuda_graph": True} if graphs else {},
                      sdpa_kernel=SDPA_KERNELS[backend]) as engine:
         for trace, requests in model_traces(name).items():
             if only and trace.split("@")[0] not in only:
