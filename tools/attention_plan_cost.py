@@ -20,7 +20,6 @@ import json
 import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,25 +29,11 @@ FIRST_KEYS = 16 * 2000
 SLICES = ((0, 10), (10, 50), (50, 100), (100, None))
 
 
-def extra_ms(heads: int, dim: int, t: int, k: int) -> float:
-    import torch
-
-    from dooly.bench.host import attention_inputs
-
-    *qkv, mask = attention_inputs(heads, dim, t, k)
-    times = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=mask)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return (times[0] - statistics.median(times[1:])) * 1e3
-
-
 def in_thread(heads: int, dim: int, keys: list[int]) -> list[float]:
+    from dooly.bench.host import first_call_us
+
     out: list[float] = []
-    worker = threading.Thread(target=lambda: out.extend(extra_ms(heads, dim, REQUESTS, k) for k in keys))
+    worker = threading.Thread(target=lambda: out.extend(first_call_us(heads, dim, REQUESTS, k) / 1e3 for k in keys))
     worker.start()
     worker.join()
     return out

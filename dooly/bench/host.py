@@ -79,6 +79,22 @@ def attention_inputs(heads: int, head_dim: int, t: int, k: int, device: str = "c
     return (*qkv, torch.zeros(1, 1, t, k, dtype=torch.bfloat16, device=device))
 
 
+def first_call_us(heads: int, head_dim: int, t: int, k: int) -> float:
+    """Host time of the first attention call at a shape above the median of two repeats, the GPU synchronised
+    before and after each."""
+    import torch
+
+    *qkv, mask = attention_inputs(heads, head_dim, t, k)
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.nn.functional.scaled_dot_product_attention(*qkv, attn_mask=mask)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return (times[0] - statistics.median(times[1:])) * 1e6
+
+
 def first_calls(store, env_name: str, backend: str, shapes: int = 6) -> int:
     """Host time of an attention call at a shape the process has not seen, above its steady time.
 
@@ -86,8 +102,6 @@ def first_calls(store, env_name: str, backend: str, shapes: int = 6) -> int:
     (T, K): each step pays it once per attention shape. Measured per head count and head size of the store's
     attention signatures, at decode-like and prefill-like shapes."""
     import random
-
-    import torch
 
     from ..profile import backend_context
 
@@ -102,16 +116,8 @@ def first_calls(store, env_name: str, backend: str, shapes: int = 6) -> int:
         for i in range(shapes):
             t = rng.randint(1, 64) if i % 2 == 0 else rng.randint(300, 3000)
             k = t + rng.randint(1000, 30000)
-            *args, mask = attention_inputs(heads, dim, t, k)
-            times = []
             with backend_context(backend):
-                for _ in range(3):
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    torch.nn.functional.scaled_dot_product_attention(*args, attn_mask=mask)
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - start)
-            extra = (times[0] - statistics.median(times[1:])) * 1e6
+                extra = first_call_us(heads, dim, t, k)
             store.record_host(env_name, "attention_first_call", {"heads": heads, "head_dim": dim, "T": t, "K": k},
                               extra, extra, 1)
             rows += 1
