@@ -52,11 +52,10 @@ def main():
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
     print(env, flush=True)
     rows = []
-    for spec in args.heads:
+    for n, spec in enumerate(args.heads):
         heads, dim = map(int, spec.split("x"))
         in_thread(heads, dim, [REQUESTS + 7 * i for i in range(8)])  # the process's one-time kernel loading
-        base = FIRST_KEYS + 100_000 * len(rows)
-        keys = [base + REQUESTS * i for i in range(args.shapes)]
+        keys = [FIRST_KEYS + 300_000 * n + REQUESTS * i for i in range(args.shapes)]
         runs = {"fresh": in_thread(heads, dim, keys), "again": in_thread(heads, dim, keys)}
         free, _ = torch.cuda.mem_get_info()
         held = torch.empty(int(free * args.fill), dtype=torch.uint8, device="cuda")
