@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -34,38 +33,9 @@ SDPA_KERNELS = {"sdpa": None, "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cud
                 "sdpa-math": "MATH"}
 
 
-def lognormal(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
-    return max(lo, min(hi, int(round(median * pow(2.718281828, rng.gauss(0, sigma))))))
-
-
-def traces(max_context: int, seed: int = 0) -> dict[str, list[tuple[float, int, int]]]:
-    """(arrival s, prompt tokens, output tokens) per request: a ShareGPT-like chat mix and a long-prompt mix, each
-    at a low and a high arrival rate (Poisson), and three bursts of requests all arriving at once, whose steps are
-    the same in every run (the scheduler is deterministic when arrivals do not race it): step ground truth over
-    mixed batches, long decodes of many requests, and contexts up to 32k (or the model's `max_context`)."""
-    out, longest = {}, min(30000, max_context - 32)
-    for name, n, prompt, output in (
-            ("burst", 48, lambda r: lognormal(r, 600, 1.0, 16, 6000), lambda r: r.randint(8, 40)),
-            ("decode", 48, lambda r: lognormal(r, 200, 0.8, 16, 1500), lambda r: r.randint(16, 80)),
-            ("longctx", 6, lambda r: r.randint(min(4096, longest // 2), longest), lambda r: r.randint(8, 16))):
-        rng = random.Random(f"{seed}-{name}")
-        out[f"{name}@inf"] = [(0.0, prompt(rng), output(rng)) for _ in range(n)]
-    for name, n, rates, prompt, output in (
-            ("chat", 32, (8.0, 32.0), lambda r: lognormal(r, 256, 0.9, 16, 3000),
-             lambda r: lognormal(r, 28, 0.5, 4, 64)),
-            ("long", 8, (2.0, 8.0), lambda r: r.randint(2048, 7168), lambda r: r.randint(12, 24))):
-        for rate in rates:
-            rng = random.Random(f"{seed}-{name}-{rate}")
-            t, reqs = 0.0, []
-            for _ in range(n):
-                reqs.append((round(t, 4), prompt(rng), output(rng)))
-                t += rng.expovariate(rate)
-            out[f"{name}@{rate:g}"] = reqs
-    return out
-
-
 def model_traces(name: str) -> dict[str, list[tuple[float, int, int]]]:
     from dooly.bench.engine import zoo
+    from dooly.bench.traces import traces
 
     return traces(zoo(name).get("max_position_embeddings", 32768))
 
@@ -131,7 +101,7 @@ def main():
             break
         path = folder / f"{name}.json"
         done = json.loads(path.read_text()) if path.exists() else None
-        wanted = set(args.traces) or {t.split("@")[0] for t in traces(32768)}
+        wanted = set(args.traces) or {t.split("@")[0] for t in model_traces(args.models[0])}
         if done is not None and wanted <= {t.split("@")[0] for t in done["traces"]}:
             continue
         t = time.perf_counter()

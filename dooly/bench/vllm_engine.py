@@ -1,0 +1,311 @@
+"""vLLM 0.24 run for real on the GPU from a config alone (dummy weights, prompts as token ids), timed step by step.
+
+The engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so that hooks on its model runner see
+every step: the batch composition the scheduler chose (per request: tokens scheduled now, tokens already
+computed) and the step's time on the GPU (CUDA events on the runner's stream from `execute_model` to the end of
+`sample_tokens`, read only after the run, so the hooks add no synchronisation). Per-request arrival, first-token
+and token times are taken where a user of the offline engine sees them, after each `LLMEngine.step()`.
+
+    python -m dooly.bench.vllm_engine check                      # a tiny model: bring-up and per-step times
+    python -m dooly.bench.vllm_engine groundtruth --models llama-3.1-8b --out DIR [--backend FLASH_ATTN] [--eager]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER")
+CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
+TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 32000,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16"}
+
+
+@dataclass
+class Step:
+    queries: list[int]  # tokens scheduled for each request in this step
+    computed: list[int]  # tokens each request had computed before it (prefix-cache hits included)
+    forward_s: float  # execute_model to the end of sample_tokens, on the GPU stream (events)
+    host_s: float  # the same span on the host clock
+    start: float  # perf_counter at execute_model, seconds after the run started
+
+    @property
+    def keys(self) -> list[int]:
+        return [q + c for q, c in zip(self.queries, self.computed)]
+
+
+@dataclass
+class Result:
+    request_id: str
+    prompt: int
+    output: int
+    arrival: float
+    first_token: float
+    token_times: list[float] = field(default_factory=list)
+
+
+class _Hooks:
+    """Wraps the model runner's two step methods, class-wide, for as long as an engine is being timed."""
+
+    def __init__(self):
+        import torch
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner  # the V2 runner, 0.24's default
+
+        self.torch, self.cls = torch, GPUModelRunner
+        self.pending: list = []  # (scheduler output summary, start event, end event, host start, host end)
+        self.origin = time.perf_counter()
+        self.open = None
+        execute, sample = GPUModelRunner.execute_model, GPUModelRunner.sample_tokens
+        self.saved = (execute, sample)
+        hooks = self
+
+        def timed_execute(runner, scheduler_output, *args, **kwargs):
+            if kwargs.get("dummy_run"):
+                return execute(runner, scheduler_output, *args, **kwargs)
+            summary = _composition(scheduler_output)
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            t = time.perf_counter()
+            out = execute(runner, scheduler_output, *args, **kwargs)
+            if summary[0]:
+                hooks.open = (summary, start, t)
+                if out is not None:  # the step sampled inside execute_model
+                    hooks._close()
+            return out
+
+        def timed_sample(runner, *args, **kwargs):
+            out = sample(runner, *args, **kwargs)
+            if hooks.open is not None:
+                hooks._close()
+            return out
+
+        GPUModelRunner.execute_model, GPUModelRunner.sample_tokens = timed_execute, timed_sample
+
+    def _close(self):
+        end = self.torch.cuda.Event(enable_timing=True)
+        end.record()
+        summary, start, t = self.open
+        self.pending.append((summary, start, end, t, time.perf_counter()))
+        self.open = None
+
+    def steps(self) -> list[Step]:
+        self.torch.cuda.synchronize()
+        out = [Step(q, c, start.elapsed_time(end) / 1e3, t1 - t0, t0 - self.origin)
+               for (q, c), start, end, t0, t1 in self.pending]
+        self.pending = []
+        return out
+
+    def restart(self) -> None:
+        self.pending, self.origin = [], time.perf_counter()
+
+    def remove(self) -> None:
+        self.cls.execute_model, self.cls.sample_tokens = self.saved
+
+
+def _composition(so) -> tuple[list[int], list[int]]:
+    computed = {r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs}
+    cached = so.scheduled_cached_reqs
+    computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+    ids = [rid for rid, n in so.num_scheduled_tokens.items() if n]
+    return [so.num_scheduled_tokens[r] for r in ids], [computed.get(r, 0) for r in ids]
+
+
+def model_folder(config: dict, layers: int | None, root: Path) -> Path:
+    data = dict(config)
+    if layers is not None:
+        data["num_hidden_layers"] = layers
+        for key, value in config.items():
+            if isinstance(value, list) and len(value) == config.get("num_hidden_layers"):
+                data[key] = value[:layers]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(data))
+    return root
+
+
+class VllmEngine:
+    def __init__(self, config: dict, layers: int | None = None, backend: str = "FLASH_ATTN", eager: bool = False,
+                 prefix_caching: bool | None = None, max_model_len: int | None = None, seed: int = 0):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import EngineArgs, LLMEngine
+
+        self.vocab = config["vocab_size"]
+        self.max_len = max_model_len or min(config.get("max_position_embeddings", 32768), 32768)
+        self.folder = tempfile.TemporaryDirectory()
+        options = {} if prefix_caching is None else {"enable_prefix_caching": prefix_caching}
+        args = EngineArgs(model=str(model_folder(config, layers, Path(self.folder.name))), load_format="dummy",
+                          skip_tokenizer_init=True, dtype="bfloat16", max_model_len=self.max_len, seed=seed,
+                          attention_backend=backend, enforce_eager=eager, **options)
+        t = time.perf_counter()
+        self.engine = LLMEngine.from_engine_args(args)
+        self.startup_s = time.perf_counter() - t
+        self.hooks = _Hooks()
+        self.rng = random.Random(seed)
+        self.runs = 0
+
+    def run(self, requests: list[tuple[float, int, int]], shared_prefix: int = 0) -> tuple[list[Step], list[Result]]:
+        """Serves (arrival s, prompt tokens, output tokens) requests, each arriving at its time."""
+        from vllm import SamplingParams
+
+        prefix = [self.rng.randrange(self.vocab) for _ in range(shared_prefix)]
+        order = sorted(range(len(requests)), key=lambda i: requests[i][0])
+        results: dict[str, Result] = {}
+        self.hooks.restart()
+        origin, nxt, tag = self.hooks.origin, 0, f"run{self.runs}-"
+        self.runs += 1
+        while nxt < len(order) or self.engine.has_unfinished_requests():
+            now = time.perf_counter() - origin
+            while nxt < len(order) and requests[order[nxt]][0] <= now:
+                i = order[nxt]
+                arrival, prompt, output = requests[i]
+                ids = prefix[:prompt] + [self.rng.randrange(self.vocab) for _ in range(prompt - len(prefix))]
+                params = SamplingParams(max_tokens=output, ignore_eos=True, temperature=0, detokenize=False)
+                self.engine.add_request(f"{tag}{i}", {"prompt_token_ids": ids}, params)
+                results[f"{tag}{i}"] = Result(f"r{i}", prompt, output, now, -1.0)
+                nxt += 1
+            if not self.engine.has_unfinished_requests():
+                time.sleep(max(0.0, requests[order[nxt]][0] - (time.perf_counter() - origin)))
+                continue
+            outputs = self.engine.step()
+            now = time.perf_counter() - origin
+            for out in outputs:
+                r = results[out.request_id]
+                new = len(out.outputs[0].token_ids) - len(r.token_times)
+                r.token_times += [now] * new
+                if r.first_token < 0 and r.token_times:
+                    r.first_token = now
+        return self.hooks.steps(), [results[f"{tag}{i}"] for i in range(len(requests))]
+
+    def resolved_config(self) -> dict:
+        vc = self.engine.vllm_config
+        sc, cc, cache = vc.scheduler_config, vc.compilation_config, vc.cache_config
+        return {"max_num_batched_tokens": sc.max_num_batched_tokens, "max_num_seqs": sc.max_num_seqs,
+                "chunked_prefill": sc.enable_chunked_prefill, "async_scheduling": sc.async_scheduling,
+                "compilation_mode": str(cc.mode), "cudagraph_mode": str(cc.cudagraph_mode),
+                "cudagraph_capture_sizes": list(cc.cudagraph_capture_sizes or []),
+                "num_gpu_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
+                "prefix_caching": cache.enable_prefix_caching, "max_model_len": vc.model_config.max_model_len,
+                "attention_backend": str(vc.attention_config.backend), "startup_s": round(self.startup_s, 1)}
+
+    def close(self) -> None:
+        import gc
+
+        import torch
+
+        self.hooks.remove()
+        del self.engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        self.folder.cleanup()
+
+
+def environment(backend: str, eager: bool) -> dict:
+    import torch
+    import triton
+    import vllm
+
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        driver = "unknown"
+    return {"gpu": torch.cuda.get_device_name(), "driver": driver, "cuda": torch.version.cuda,
+            "torch": torch.__version__, "triton": triton.__version__, "engine": "vllm",
+            "engine_version": vllm.__version__, "dtype": "bfloat16", "attention_backend": backend,
+            "mode": "eager" if eager else "compiled+cudagraphs"}
+
+
+def check() -> None:
+    """Brings up vLLM on a tiny model and prints each step of a small mixed workload."""
+    t = time.perf_counter()
+    engine = VllmEngine(TINY, max_model_len=2048)
+    print(f"engine up in {engine.startup_s:.1f} s ({time.perf_counter() - t:.1f} s with the import); "
+          f"{json.dumps(engine.resolved_config())}")
+    engine.run([(0.0, 64, 4)])
+    steps, results = engine.run([(0.0, 500, 8), (0.0, 40, 16), (0.01, 1200, 8), (0.02, 8, 24)])
+    for s in steps:
+        print(f"  T={sum(s.queries):5d} R={len(s.queries):2d} keys={sum(s.keys):6d}  "
+              f"gpu {s.forward_s * 1e3:8.3f} ms  host {s.host_s * 1e3:8.3f} ms")
+    for r in results:
+        print(f"  {r.request_id}: prompt {r.prompt}, TTFT {(r.first_token - r.arrival) * 1e3:.1f} ms, "
+              f"{len(r.token_times)} tokens")
+    engine.close()
+
+
+def _vllm_traces(max_context: int) -> dict[str, tuple[list[tuple[float, int, int]], int]]:
+    """The engine-independent traces, and one whose 32 prompts share their first 2,048 tokens: prefix-cache hits
+    (vLLM caches prefixes by default)."""
+    from .traces import traces
+
+    shared = [(0.0, 2048 + 64 * (i % 4 + 1), 16) for i in range(32)]
+    return {**{name: (reqs, 0) for name, reqs in traces(max_context).items()}, "prefix@inf": (shared, 2048)}
+
+
+def groundtruth(models: list[str], out: Path, backend: str, eager: bool, repeats: int, budget_s: float,
+                only: tuple[str, ...], layers: dict[str, int]) -> None:
+    folder = out / f"vllm-{backend.lower()}{'-eager' if eager else ''}"
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    for name in models:
+        path = folder / f"{name}.json"
+        if path.exists():
+            continue
+        if time.monotonic() - start > budget_s:
+            print(f"budget spent: {name} and the rest not run", flush=True)
+            break
+        config = json.loads((CONFIGS / f"{name}.json").read_text())
+        engine = VllmEngine(config, layers=layers.get(name), backend=backend, eager=eager)
+        result = {"model": name, "layers": layers.get(name), "environment": environment(backend, eager),
+                  "engine_config": engine.resolved_config(), "traces": {}}
+        print(f"{name}: up in {engine.startup_s:.0f} s {json.dumps(result['engine_config'])}", flush=True)
+        with contextlib.ExitStack() as stack:
+            stack.callback(engine.close)
+            engine.run([(0.0, 64, 4), (0.0, 900, 4)])
+            for trace, (requests, prefix) in _vllm_traces(engine.max_len).items():
+                if only and trace.split("@")[0] not in only:
+                    continue
+                runs = []
+                for repeat in range(repeats + 1):  # the first run of each trace warms up, discarded
+                    t = time.perf_counter()
+                    steps, reqs = engine.run(requests, shared_prefix=prefix)
+                    if repeat:
+                        runs.append({"steps": [asdict(s) for s in steps], "requests": [asdict(r) for r in reqs]})
+                    print(f"  {name} {trace} run {repeat}: {len(steps)} steps, {time.perf_counter() - t:.1f} s",
+                          flush=True)
+                result["traces"][trace] = {"requests": requests, "shared_prefix": prefix, "runs": runs}
+        path.write_text(json.dumps(result))
+        print(f"{name}: done, {time.monotonic() - start:.0f} s so far", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check")
+    g = sub.add_parser("groundtruth")
+    g.add_argument("--models", nargs="+", required=True)
+    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--backend", default="FLASH_ATTN", choices=BACKENDS)
+    g.add_argument("--eager", action="store_true", help="enforce_eager: no torch.compile, no CUDA graphs")
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--budget-s", type=float, default=float("inf"))
+    g.add_argument("--traces", nargs="+", default=[], choices=["chat", "long", "burst", "decode", "longctx", "prefix"])
+    g.add_argument("--layers", nargs="*", default=[], metavar="MODEL=N", help="run MODEL at reduced depth N")
+    args = parser.parse_args()
+    if args.command == "check":
+        check()
+    else:
+        layers = {k: int(v) for k, v in (item.split("=") for item in args.layers)}
+        groundtruth(args.models, args.out, args.backend, args.eager, args.repeats, args.budget_s,
+                    tuple(args.traces), layers)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""What vLLM's ground truth on the GPU says before any prediction: per mode and model, how many step compositions
+repeat, the engine's own spread over them, median decode and prefill steps; and, for one model measured in
+several modes, each mode's step time over the default's (compiled + CUDA graphs, FLASH_ATTN) on the same
+compositions.
+
+    python tools/vllm_groundtruth_summary.py [--groundtruth data/groundtruth/vllm] [--model llama-3.1-8b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT = "flash_attn"
+
+
+def kind(queries: tuple[int, ...]) -> str:
+    if max(queries) == 1:
+        return "decode"
+    return "prefill" if sum(queries) >= 512 else "mixed"
+
+
+def compositions(truth: dict) -> dict[tuple, list[float]]:
+    """Step time (s) of each batch composition, over every run of every trace."""
+    times = defaultdict(list)
+    for trace in truth["traces"].values():
+        for run in trace["runs"]:
+            for step in run["steps"]:
+                times[(tuple(step["queries"]), tuple(step["computed"]))].append(step["forward_s"])
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--groundtruth", type=Path, default=Path("data/groundtruth/vllm"))
+    parser.add_argument("--model", default="llama-3.1-8b", help="the model compared across modes")
+    args = parser.parse_args()
+    console = Console()
+    table = Table(title="vLLM on the GPU: the engine's own repeatability")
+    for col in ("mode", "model", "compositions (>=3 runs)", "spread (median)", "decode step", "prefill step"):
+        table.add_column(col, justify="left" if col in ("mode", "model") else "right")
+    repeated: dict[str, dict[tuple, float]] = {}
+    for path in sorted(args.groundtruth.glob("*/*.json")):
+        truth, mode = json.loads(path.read_text()), path.parent.name
+        times = {k: v for k, v in compositions(truth).items() if len(v) >= 3}
+        spread = [(max(v) - min(v)) / statistics.median(v) for v in times.values()]
+        by_kind = defaultdict(list)
+        for (queries, _), v in times.items():
+            by_kind[kind(queries)].append(statistics.median(v) * 1e3)
+        ms = lambda xs: f"{statistics.median(xs):.2f} ms" if xs else "-"  # noqa: E731
+        table.add_row(mode, truth["model"], str(len(times)), f"{100 * statistics.median(spread):.1f}%",
+                      ms(by_kind["decode"]), ms(by_kind["prefill"]))
+        if truth["model"] == args.model:
+            repeated[mode] = {k: statistics.median(v) for k, v in times.items()}
+    console.print(table)
+    if DEFAULT not in repeated:
+        return
+    ratios = Table(title=f"{args.model}: step time over {DEFAULT} (compiled + CUDA graphs), same compositions")
+    for col in ("mode", "decode", "prefill", "mixed"):
+        ratios.add_column(col, justify="left" if col == "mode" else "right")
+    for mode, times in repeated.items():
+        if mode == DEFAULT:
+            continue
+        by_kind = defaultdict(list)
+        for key, t in times.items():
+            if key in repeated[DEFAULT]:
+                by_kind[kind(key[0])].append(t / repeated[DEFAULT][key])
+        cell = lambda xs: f"{statistics.median(xs):.2f}x ({len(xs)})" if xs else "-"  # noqa: E731
+        ratios.add_row(mode, cell(by_kind["decode"]), cell(by_kind["prefill"]), cell(by_kind["mixed"]))
+    console.print(ratios)
+
+
+if __name__ == "__main__":
+    main()
