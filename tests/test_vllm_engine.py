@@ -1,0 +1,49 @@
+"""The vLLM harness's CPU-side pieces, and the ground truth it recorded on the GPU."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dooly.bench.vllm_engine import _composition, model_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+TRUTH = sorted((ROOT / "data" / "groundtruth" / "vllm").glob("*/*.json"))
+
+
+def test_composition_reads_new_and_running_requests_and_skips_idle_ones():
+    so = SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id="a", num_computed_tokens=32)],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=["b", "c"], num_computed_tokens=[100, 7]),
+        num_scheduled_tokens={"a": 480, "b": 1, "c": 0})
+    assert _composition(so) == ([480, 1], [32, 100])
+
+
+def test_model_folder_cuts_every_per_layer_list_to_the_reduced_depth(tmp_path):
+    config = {"num_hidden_layers": 4, "layer_types": ["sliding", "full"] * 2, "mlp_only_layers": [0, 1, 2, 3],
+              "vocab_size": 10, "eos_token_id": [1, 2]}
+    written = json.loads((model_folder(config, 2, tmp_path) / "config.json").read_text())
+    assert written["num_hidden_layers"] == 2
+    assert written["layer_types"] == ["sliding", "full"] and written["mlp_only_layers"] == [0, 1]
+    assert written["eos_token_id"] == [1, 2]  # a list, but not one per layer
+
+
+@pytest.mark.parametrize("path", TRUTH, ids=[f"{p.parent.name}/{p.stem}" for p in TRUTH])
+def test_recorded_ground_truth_is_consistent(path):
+    truth = json.loads(path.read_text())
+    assert truth["environment"]["engine"] == "vllm" and truth["environment"]["engine_version"] == "0.24.0"
+    budget = truth["engine_config"]["max_num_batched_tokens"]
+    for name, trace in truth["traces"].items():
+        assert len(trace["runs"]) >= 3, name
+        for run in trace["runs"]:
+            for step in run["steps"]:
+                assert len(step["queries"]) == len(step["computed"]) and 0 < sum(step["queries"]) <= budget
+                assert step["forward_s"] > 0
+            for request, (_, prompt, output) in zip(run["requests"], trace["requests"]):
+                assert (request["prompt"], request["output"]) == (prompt, output)
+                assert len(request["token_times"]) == output
+                assert request["first_token"] >= request["arrival"]
+        if name.endswith("@inf"):  # everything arrives at once: the scheduler repeats itself exactly
+            steps = [[(s["queries"], s["computed"]) for s in run["steps"]] for run in trace["runs"]]
+            assert all(s == steps[0] for s in steps), name
