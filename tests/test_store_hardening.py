@@ -108,6 +108,7 @@ DROP = object()
 INJECTIONS = [
     "median_us) VALUES (0,0,'x',0,0,'x',0); UPDATE measurements SET median_us = 0; --",
     "median_us = 0; --",
+    "point) VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET median_us = 0 --",
     'status"; DROP TABLE measurements; --',
     "point, median_us) SELECT signature, environment, point, 0 FROM measurements; --",
     "[median_us]",

@@ -105,43 +105,51 @@ class Store:
         uri = self.path.resolve().as_uri()
         db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=60, isolation_level=None)
         try:
-            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-        except sqlite3.OperationalError:
-            # A WAL store in a folder this process cannot write to: SQLite cannot make the shared-memory file that
-            # reading in WAL mode takes. Nobody can write there either, so the file alone is the whole store,
-            # unless a writer left its log behind.
-            db.close()
-            wal = Path(f"{self.path}-wal")
-            if wal.exists() and wal.stat().st_size:
-                raise DoolyError(f"{self.path}: read-only, and its write-ahead log {wal.name} holds writes not yet "
-                                 f"merged into it; open it once where it can be written") from None
-            db = sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+            try:
+                db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            except sqlite3.OperationalError:
+                db.close()
+                db = self._open_immutable(uri)
+            version = self._check(db, may_create=False)
         except sqlite3.DatabaseError as e:
             db.close()
             raise DoolyError(f"{self.path}: not a readable Dooly store ({e})") from None
-        version = self._check(db, may_create=False)
-        if version < SCHEMA_VERSION:
+        except BaseException:
             db.close()
-            if not self._writable():
-                raise DoolyError(f"{self.path}: schema version {version}, older than this Dooly's "
-                                 f"({SCHEMA_VERSION}), and read-only here; open it once where it can be written")
-            Store(self.path, create=False).close()  # migrates it
-            return self._open_readonly()
-        return db
+            raise
+        if version == SCHEMA_VERSION:
+            return db
+        db.close()
+        if not (os.access(self.path, os.W_OK) and os.access(self.path.resolve().parent, os.W_OK)):
+            raise DoolyError(f"{self.path}: schema version {version}, older than this Dooly's ({SCHEMA_VERSION}), "
+                             f"and read-only here; open it once where it can be written")
+        Store(self.path, create=False).close()  # migrates it
+        return self._open_readonly()
 
-    def _writable(self) -> bool:
-        return os.access(self.path, os.W_OK) and os.access(self.path.resolve().parent, os.W_OK)
+    def _open_immutable(self, uri: str) -> sqlite3.Connection:
+        """A WAL store in a folder this process cannot write to: SQLite cannot make the shared-memory file that
+        reading in WAL mode takes. Nobody can write there either, so the file alone is the whole store, unless a
+        writer left its log behind."""
+        wal = Path(f"{self.path}-wal")
+        if wal.exists() and wal.stat().st_size:
+            raise DoolyError(f"{self.path}: read-only, and its write-ahead log {wal.name} holds writes not yet "
+                             f"merged into it; open it once where it can be written")
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
 
     def _open_for_writing(self, may_create: bool) -> sqlite3.Connection:
         folder = self.path.resolve().parent
         if not folder.is_dir():
             raise DoolyError(f"{self.path}: no such folder {folder}")
-        if not os.access(folder, os.W_OK) or self.path.exists() and not os.access(self.path, os.W_OK):
-            what = "the store" if self.path.exists() else "its folder"
-            raise DoolyError(f"{self.path}: {what} is read-only, and this command writes to the store")
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise DoolyError(f"{self.path}: the store is read-only, and this command writes to it")
+        if not os.access(folder, os.W_OK):
+            raise DoolyError(f"{self.path}: its folder is read-only, and this command writes to the store")
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         try:
-            version = self._check(db, may_create)
+            try:
+                version = self._check(db, may_create)
+            except sqlite3.DatabaseError as e:
+                raise DoolyError(f"{self.path}: not a readable Dooly store ({e})") from None
             db.execute("PRAGMA foreign_keys = ON")
             use_wal(db)
             if version < SCHEMA_VERSION:
@@ -156,20 +164,14 @@ class Store:
 
     def _check(self, db: sqlite3.Connection, may_create: bool) -> int:
         """The store's schema version, having refused (without writing a byte) a file this Dooly cannot use."""
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise DoolyError(f"{self.path}: the store is corrupt (SQLite integrity check failed)")
-        except sqlite3.DatabaseError as e:
-            db.close()
-            raise DoolyError(f"{self.path}: not a readable Dooly store ({e})") from None
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise DoolyError(f"{self.path}: the store is corrupt (SQLite integrity check failed)")
         if version > SCHEMA_VERSION:
-            db.close()
             raise DoolyError(f"{self.path}: the store has schema version {version}, newer than this Dooly "
                              f"reads ({SCHEMA_VERSION}); upgrade Dooly to use it")
         if version == 0 and (tables or not may_create):
-            db.close()
             raise DoolyError(f"{self.path}: an SQLite file, but not a Dooly store "
                              f"(tables: {', '.join(sorted(tables)) or 'none'})")
         self._check_tables(db, version)
@@ -181,12 +183,10 @@ class Store:
         for table, expected in columns(version).items():
             found = table_columns(db, table)
             if not found:
-                db.close()
                 raise DoolyError(f"{self.path}: table {table} is missing (schema version {version} has it)")
             if found != expected:
                 missing = [c.name for c in expected if c not in found]
                 unexpected = [c.name for c in found if c not in expected]
-                db.close()
                 raise DoolyError(f"{self.path}: table {table} does not match schema version {version} "
                                  f"(missing or changed columns: {', '.join(missing) or 'none'}; "
                                  f"unexpected: {', '.join(unexpected) or 'none'})")
@@ -197,6 +197,9 @@ class Store:
         db.execute("BEGIN IMMEDIATE")
         try:
             locked_version = db.execute("PRAGMA user_version").fetchone()[0]
+            if locked_version > SCHEMA_VERSION:
+                raise DoolyError(f"{self.path}: a newer Dooly has just migrated the store to schema version "
+                                 f"{locked_version}; upgrade Dooly to use it")
             if locked_version != version:
                 self._check_tables(db, locked_version)
             for number in range(locked_version, SCHEMA_VERSION):
