@@ -282,12 +282,12 @@ def test_signed_host_times_import(stores):
     assert any(r["median_us"] == -9.5 for r in Store(b, readonly=True).host(ENV))
 
 
-def test_the_shipped_store_exports_and_imports_whole(tmp_path):
-    shipped = Store(ROOT / "data" / "h100.sqlite", readonly=True)
-    rows = export(shipped, tmp_path / "h.jsonl")
+def test_the_shipped_store_exports_and_imports_whole(shipped, tmp_path):
+    store = Store(shipped, readonly=True)
+    rows = export(store, tmp_path / "h.jsonl")
     copy = Store(tmp_path / "copy.sqlite")
     assert import_(copy, tmp_path / "h.jsonl") == rows
-    assert copy.counts() == shipped.counts()
+    assert copy.counts() == store.counts()
 
 
 COLUMN_NAMES = sorted({c.name for cols in columns().values() for c in cols})
