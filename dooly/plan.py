@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from .store import Store
 
     graphs = [load_model(p) for p in args.config]
-    store = Store(args.store)
+    store = Store(args.store, readonly=args.store.exists())
     if args.env:
         _, env = store.environment(args.env)
         backend, measured = env.attention_backend, store.measured(args.env)

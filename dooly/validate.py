@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted(args.groundtruth.glob("*/*.json"))
     if not files:
         raise DoolyError(f"{args.groundtruth}: no ground-truth files (<backend>/<model>.json)")
-    store = Store(args.store, create=False)
+    store = Store(args.store, readonly=True)
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
     rows = [validate_model(json.loads(f.read_text()), store, log) for f in files]
     plots = parity_plots(rows, args.plots)

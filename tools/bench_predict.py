@@ -41,7 +41,7 @@ def main() -> None:
     from dooly.sim.engine import cache_size
     from dooly.store import Store
 
-    store = Store(args.store, create=False)
+    store = Store(args.store, readonly=True)
     graph = load_model(args.model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

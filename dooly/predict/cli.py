@@ -95,7 +95,7 @@ def fit_main(argv: list[str] | None = None) -> int:
     from .opmodel import load_or_fit, model_dir
     from .step import environment_name
 
-    store = Store(args.store, create=False)
+    store = Store(args.store, readonly=True)
     envs = [environment_name(store, args.backend)] if args.backend else [e.name for e in store.environments()]
     if not envs:
         raise DoolyError(f"{args.store}: the store has no measurements")
@@ -144,7 +144,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     batches = [parse_batch(args.batch)] if args.batch else read_batches(args.batch_file)
     b = Batches.of(batches)
     graph = load_model(args.config)
-    store = Store(args.store, create=False)
+    store = Store(args.store, readonly=True)
     env = environment_name(store, args.backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     requests = load_trace(args.trace) if args.trace else synthetic(args.synthetic, args.seed)
     graph = load_model(args.config)
-    store = Store(args.store, create=False)
+    store = Store(args.store, readonly=True)
     env = environment_name(store, args.backend)
     predictor = load_predictor(graph, store, env)
     block = args.block_size or (256 if args.scheduler == "cb" else 16)

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..store import Store
 
     graph = load_model(args.config)
-    store = Store(args.store, create=False)
+    store = Store(args.store, readonly=True)
     predictor = load_predictor(graph, store, environment_name(store, args.backend))
     folder = args.out / "compute" / args.device / (args.model_name or graph.model)
     result = export(graph, predictor, folder)

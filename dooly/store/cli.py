@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import command
 from .db import Store
-from .portable import export, import_
+from .portable import export, merge, read_export
 
 
 @command
@@ -24,7 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     into.add_argument("store", type=Path)
     into.add_argument("file", type=Path)
     args = parser.parse_args(argv)
-    store = Store(args.store, create=args.action == "import")
+    if args.action == "import":
+        rows = read_export(args.file)  # a bad file is refused before a store is made for it
+        store = Store(args.store)
+        print(f"imported {merge(store, rows, args.file)} new rows into {args.store}")
+        return 0
+    store = Store(args.store, readonly=True)
     if args.action == "info":
         from rich.console import Console
         from rich.table import Table
@@ -45,10 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         console = Console()
         console.print(table)
         console.print("rows: " + ", ".join(f"{k} {v}" for k, v in store.counts().items()))
-    elif args.action == "export":
-        print(f"wrote {export(store, args.file)} rows to {args.file}")
     else:
-        print(f"imported {import_(store, args.file)} new rows into {args.store}")
+        print(f"wrote {export(store, args.file)} rows to {args.file}")
     return 0
 
 

@@ -11,13 +11,16 @@ only in that backend: a GEMM measured while profiling one backend is not profile
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import DoolyError
-from .schema import MIGRATIONS, SCHEMA_VERSION, TABLES
+from .schema import MIGRATIONS, SCHEMA_VERSION, TABLES, columns, table_columns
 
 BACKEND_FAMILIES = {"attention"}  # families whose kernel depends on the attention backend
 
@@ -58,67 +61,169 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def use_wal(db: sqlite3.Connection) -> None:
+    """Switch to WAL mode. The switch needs the database to itself and can fail at once rather than wait when
+    other processes open it at the same moment, so it is retried."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] == "wal" or \
+                    db.execute("PRAGMA journal_mode = WAL").fetchone()[0] == "wal":
+                return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError("could not switch to WAL mode: the database stayed locked")
+        time.sleep(0.01)
+
+
 def point_key(point: dict[str, int]) -> str:
     return json.dumps({k: int(v) for k, v in sorted(point.items())}, separators=(",", ":"))
 
 
 class Store:
-    def __init__(self, path: str | Path, create: bool = True):
+    """A latency store. `create`: a missing or empty file becomes a new store (only commands that make stores
+    pass it). `readonly`: open for reading only (never creates, never writes): works on a store in a read-only
+    file or folder."""
+
+    def __init__(self, path: str | Path, create: bool = True, readonly: bool = False):
         self.path = Path(path)
-        if not self.path.exists() and not create:
+        self.readonly = readonly
+        may_create = create and not readonly
+        if self.path.is_dir():
+            raise DoolyError(f"{self.path}: a folder, not a store")
+        if not self.path.exists() and not may_create:
             raise DoolyError(f"{self.path}: no such store")
-        self._check_readable()
-        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        if self.path.exists() and self.path.stat().st_size == 0 and not may_create:
+            raise DoolyError(f"{self.path}: an empty file, not a Dooly store")
+        self.db = self._open_readonly() if readonly else self._open_for_writing(may_create)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA busy_timeout = 60000")
-        self.db.execute("PRAGMA foreign_keys = ON")
-        if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            self.db.execute("PRAGMA journal_mode = WAL")
-        self._migrate()
         self._env_cache: dict[str, tuple[int, Environment]] = {}
 
-    def _check_readable(self) -> None:
-        """Refuse, without writing a byte, a file that is not a store this Dooly can use."""
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return
+    def _open_readonly(self) -> sqlite3.Connection:
+        uri = self.path.resolve().as_uri()
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=60, isolation_level=None)
         try:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
             try:
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                    raise DoolyError(f"{self.path}: the store is corrupt (SQLite integrity check failed)")
-            finally:
+                db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            except sqlite3.OperationalError:
                 db.close()
+                db = self._open_immutable(uri)
+            version = self._check(db, may_create=False)
         except sqlite3.DatabaseError as e:
+            db.close()
             raise DoolyError(f"{self.path}: not a readable Dooly store ({e})") from None
+        except BaseException:
+            db.close()
+            raise
+        if version == SCHEMA_VERSION:
+            return db
+        db.close()
+        if not (os.access(self.path, os.W_OK) and os.access(self.path.resolve().parent, os.W_OK)):
+            raise DoolyError(f"{self.path}: schema version {version}, older than this Dooly's ({SCHEMA_VERSION}), "
+                             f"and read-only here; open it once where it can be written")
+        Store(self.path, create=False).close()  # migrates it
+        return self._open_readonly()
+
+    def _open_immutable(self, uri: str) -> sqlite3.Connection:
+        """A WAL store in a folder this process cannot write to: SQLite cannot make the shared-memory file that
+        reading in WAL mode takes. Nobody can write there either, so the file alone is the whole store, unless a
+        writer left its log behind."""
+        wal = Path(f"{self.path}-wal")
+        if wal.exists() and wal.stat().st_size:
+            raise DoolyError(f"{self.path}: read-only, and its write-ahead log {wal.name} holds writes not yet "
+                             f"merged into it; open it once where it can be written")
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
+
+    def _open_for_writing(self, may_create: bool) -> sqlite3.Connection:
+        folder = self.path.resolve().parent
+        if not folder.is_dir():
+            raise DoolyError(f"{self.path}: no such folder {folder}")
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            raise DoolyError(f"{self.path}: the store is read-only, and this command writes to it")
+        if not os.access(folder, os.W_OK):
+            raise DoolyError(f"{self.path}: its folder is read-only, and this command writes to the store")
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            try:
+                version = self._check(db, may_create)
+            except sqlite3.DatabaseError as e:
+                raise DoolyError(f"{self.path}: not a readable Dooly store ({e})") from None
+            db.execute("PRAGMA foreign_keys = ON")
+            use_wal(db)
+            if version < SCHEMA_VERSION:
+                self._migrate(db, version)
+        except sqlite3.OperationalError as e:
+            db.close()
+            raise DoolyError(f"{self.path}: cannot write to the store ({e})") from None
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _check(self, db: sqlite3.Connection, may_create: bool) -> int:
+        """The store's schema version, having refused (without writing a byte) a file this Dooly cannot use."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise DoolyError(f"{self.path}: the store is corrupt (SQLite integrity check failed)")
         if version > SCHEMA_VERSION:
             raise DoolyError(f"{self.path}: the store has schema version {version}, newer than this Dooly "
                              f"reads ({SCHEMA_VERSION}); upgrade Dooly to use it")
-        if version == 0 and tables:
+        if version == 0 and (tables or not may_create):
             raise DoolyError(f"{self.path}: an SQLite file, but not a Dooly store "
-                             f"(tables: {', '.join(sorted(tables))})")
+                             f"(tables: {', '.join(sorted(tables)) or 'none'})")
+        self._check_tables(db, version)
+        return version
 
-    def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        for number in range(version, SCHEMA_VERSION):
-            with self.transaction():  # one migration, all or nothing (executescript would commit midway)
-                for statement in MIGRATIONS[number].split(";"):
+    def _check_tables(self, db: sqlite3.Connection, version: int) -> None:
+        """Refuse a store whose tables are not those its schema version makes (a table dropped, a column
+        changed): every query below relies on them."""
+        for table, expected in columns(version).items():
+            found = table_columns(db, table)
+            if not found:
+                raise DoolyError(f"{self.path}: table {table} is missing (schema version {version} has it)")
+            if found != expected:
+                missing = [c.name for c in expected if c not in found]
+                unexpected = [c.name for c in found if c not in expected]
+                raise DoolyError(f"{self.path}: table {table} does not match schema version {version} "
+                                 f"(missing or changed columns: {', '.join(missing) or 'none'}; "
+                                 f"unexpected: {', '.join(unexpected) or 'none'})")
+
+    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
+        """Bring the store to SCHEMA_VERSION in one transaction. Its version is read again under the write
+        lock: another process may have migrated it since it was first read."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            locked_version = db.execute("PRAGMA user_version").fetchone()[0]
+            if locked_version > SCHEMA_VERSION:
+                raise DoolyError(f"{self.path}: a newer Dooly has just migrated the store to schema version "
+                                 f"{locked_version}; upgrade Dooly to use it")
+            if locked_version != version:
+                self._check_tables(db, locked_version)
+            for number in range(locked_version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[number].split(";"):  # executescript would commit midway
                     if statement.strip():
-                        self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {number + 1}")
+                        db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
+    @contextmanager
     def transaction(self):
-        store = self
-
-        class Tx:
-            def __enter__(self):
-                store.db.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, kind, value, tb):
-                store.db.execute("COMMIT" if kind is None else "ROLLBACK")
-
-        return Tx()
+        if self.readonly:
+            raise DoolyError(f"{self.path}: opened read-only; this command cannot write to it")
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()

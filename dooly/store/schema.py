@@ -1,4 +1,12 @@
-"""The store's schema, as an ordered list of migrations; `PRAGMA user_version` is the number applied."""
+"""The store's schema, as an ordered list of migrations; `PRAGMA user_version` is the number applied.
+
+The columns of each table at each version are read back from an in-memory database built by the migrations
+themselves, so they cannot drift from MIGRATIONS; they are the only identifiers any statement is built from.
+"""
+
+import functools
+import sqlite3
+from dataclasses import dataclass
 
 MIGRATIONS = [
     # 1: environments, signatures, measurements, and what profiling cost
@@ -62,4 +70,33 @@ MIGRATIONS = [
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
-TABLES = ("environments", "signatures", "measurements", "sweeps", "host_overhead")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # the declared type: INTEGER, REAL or TEXT
+    notnull: bool
+    default: str | None  # the default's SQL text, None when it has none
+    primary_key: int  # position in the table's primary key, 0 when not part of it
+
+
+@functools.lru_cache(maxsize=None)
+def columns(version: int = SCHEMA_VERSION) -> dict[str, tuple[Column, ...]]:
+    """Each table's columns after the first `version` migrations, tables in the order they were created."""
+    db = sqlite3.connect(":memory:")
+    try:
+        for migration in MIGRATIONS[:version]:
+            db.executescript(migration)
+        names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY rowid")]
+        return {name: table_columns(db, name) for name in names}
+    finally:
+        db.close()
+
+
+def table_columns(db: sqlite3.Connection, table: str) -> tuple[Column, ...]:
+    return tuple(Column(r[1], r[2].upper(), bool(r[3]), r[4], r[5])
+                 for r in db.execute("SELECT * FROM pragma_table_info(?)", (table,)))
+
+
+TABLES = tuple(columns())
