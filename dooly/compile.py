@@ -17,6 +17,7 @@ from pathlib import Path
 from .config import ModelConfig, load_config
 from .errors import DoolyError, command
 from .ir import Graph, dumps
+from .ir.graph import IRError
 from .passes.collapse import collapse
 from .passes.taint import AttributionError, taint
 
@@ -82,15 +83,20 @@ def load_model(path: Path) -> Graph:
 
         try:
             return loads(path.read_text())
-        except (OSError, ParseError) as e:
+        except (OSError, UnicodeDecodeError, ParseError) as e:
             raise DoolyError(f"{path}: not a readable IR dump ({e})") from None
     if path.exists() and path.is_file() and path.stat().st_size > 0:
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             data = None
+        except (ValueError, RecursionError) as e:  # a number too long for Python, or nesting too deep
+            raise DoolyError(f"{path}: unreadable JSON ({e})") from None
         if isinstance(data, dict) and "ops" in data and "ir_version" in data:
-            return Graph.from_json(data)
+            try:
+                return Graph.from_json(data)
+            except IRError as e:
+                raise DoolyError(f"{path}: not a readable IR ({e})") from None
     return cached_compile(load_config(path))
 
 

@@ -2,7 +2,8 @@
 
 A dimension is written the way Python would compute it (`T`, `num_key_value_heads*head_dim`, `(head_dim//2)`,
 `max(K, 1)`). Only integers, names, `+ - * // % **`, unary minus and `max`/`min` are allowed; anything else is
-rejected, so an expression read from a file can be evaluated without running arbitrary code.
+rejected, so an expression read from a file can be evaluated without running arbitrary code. Lengths, constants and
+exponents are bounded too, so that one cannot take unbounded time or memory either.
 """
 
 from __future__ import annotations
@@ -16,22 +17,33 @@ import sympy
 
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**"}
 _CALLS = {"max", "min"}
+MAX_LENGTH = 500
+MAX_CONSTANT = 2**63
+MAX_EXPONENT = 8
 
 
 class ExprError(ValueError):
     pass
 
 
+def _bounded_power(node: ast.BinOp) -> bool:
+    exponent = node.right
+    return not isinstance(node.op, ast.Pow) or (
+        isinstance(exponent, ast.Constant) and type(exponent.value) is int and exponent.value <= MAX_EXPONENT)
+
+
 @functools.lru_cache(maxsize=65536)
 def _checked_tree(text: str) -> ast.Expression:
+    if len(text) > MAX_LENGTH:
+        raise ExprError(f"dimension expression longer than {MAX_LENGTH} characters: {text[:40]!r}...")
     try:
         tree = ast.parse(text, mode="eval")
-    except SyntaxError as e:
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:  # ValueError: a NUL character
         raise ExprError(f"not an expression: {text!r}") from e
     for node in ast.walk(tree):
         ok = isinstance(node, (ast.Expression, ast.Name, ast.Load, ast.USub, *_BINOPS))
-        ok |= isinstance(node, ast.Constant) and type(node.value) is int
-        ok |= isinstance(node, ast.BinOp) and type(node.op) in _BINOPS
+        ok |= isinstance(node, ast.Constant) and type(node.value) is int and node.value < MAX_CONSTANT
+        ok |= isinstance(node, ast.BinOp) and type(node.op) in _BINOPS and _bounded_power(node)
         ok |= isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub)
         ok |= (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _CALLS
                and len(node.args) == 2 and not node.keywords)

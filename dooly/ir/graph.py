@@ -12,11 +12,17 @@ expressions (see `dooly.ir.expr`); after the taint pass each dim also has a `kin
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..errors import DoolyError
+from .expr import ExprError, names
+
 IR_VERSION = 1
 KINDS = ("config", "request", "mix", "const")
+PERS = ("step", "request")
+CONDITIONS = ("K > T", "K == T")  # the only conditions the predictor knows: some request reads past keys, or none
 
 REQUEST_SYMBOLS = {
     "T": "query tokens of the step, all requests packed",
@@ -36,6 +42,60 @@ DTYPES = {
     "torch.complex64": "c64",
 }
 
+# The grammar of names an IR may hold: whatever a reader accepts can be written into a generated benchmark, so
+# each is a fixed table or a pattern with no quotes, spaces or brackets.
+OP_NAME = re.compile(r"[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?")  # namespace.op[.overload]
+SCOPE = re.compile(r"((?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+|\*)(?:\.(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+|\*))*)?")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}")
+FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+ATTR_STRING = re.compile(r"[A-Za-z0-9_.:,+ -]{0,100}")  # "tanh", "contiguous_format", "bf16", "cuda:0"
+INT_LIMIT = 2**63  # sizes, strides, counts and attribute integers are int64 for torch
+ATTR_DEPTH = 4
+
+
+class IRError(DoolyError, ValueError):
+    """A malformed IR (text or JSON), named by where it is: its line and column, or its JSON path."""
+
+
+def is_int(v) -> bool:
+    return type(v) is int and -INT_LIMIT < v < INT_LIMIT
+
+
+def is_expr(text) -> bool:
+    try:
+        return type(text) is str and names(text) is not None
+    except ExprError:
+        return False
+
+
+def dim_kind(expr: str, config, request) -> str:
+    """The kind of a dim from the symbols its expression uses; ExprError if it is not one over known symbols."""
+    used = names(expr)
+    if used - set(config) - set(request):
+        raise ExprError(f"unknown symbols {', '.join(sorted(used - set(config) - set(request)))} in {expr!r}")
+    if not used:
+        return "const"
+    if used <= set(config):
+        return "config"
+    return "request" if used <= set(request) else "mix"
+
+
+def attr_problem(value, path: str, depth: int = 0) -> tuple[str, str] | None:
+    """(path of the part at fault, what it should be) if `value` is not an op attribute, else None. Attributes are
+    JSON scalars (strings of ATTR_STRING), `{"sym": dim expression}`, `{"input": index}` (a slot of a tensor list),
+    and lists of these."""
+    if value is None or type(value) in (bool, float) or is_int(value):
+        return None
+    if type(value) is str:
+        return None if ATTR_STRING.fullmatch(value) else (path, "a string of letters, digits, spaces and _.:,+-")
+    if type(value) is list and depth < ATTR_DEPTH:
+        return next((p for i, x in enumerate(value) if (p := attr_problem(x, f"{path}[{i}]", depth + 1))), None)
+    if type(value) is dict and list(value) == ["sym"]:
+        return None if is_expr(value["sym"]) else (f"{path}.sym", "a dimension expression")
+    if type(value) is dict and list(value) == ["input"]:
+        return None if is_int(value["input"]) and value["input"] >= 0 else (f"{path}.input", "an input index")
+    return path, 'a number, a short string, {"sym": expression}, {"input": index} or a list of these'
+
 
 @dataclass(frozen=True)
 class Dim:
@@ -45,10 +105,6 @@ class Dim:
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "expr": self.expr, "value": self.value}
-
-    @staticmethod
-    def from_json(d: dict) -> Dim:
-        return Dim(d["expr"], d.get("kind"), d.get("value"))
 
 
 @dataclass(frozen=True)
@@ -65,16 +121,6 @@ class TensorSpec:
         if self.src is not None:
             d["src"] = self.src
         return d
-
-    @staticmethod
-    def from_json(d: dict) -> TensorSpec:
-        strides = d.get("strides")
-        return TensorSpec(
-            d["dtype"],
-            tuple(Dim.from_json(x) for x in d["shape"]),
-            None if strides is None else tuple(Dim.from_json(x) for x in strides),
-            d.get("src"),
-        )
 
     def dims(self) -> tuple[Dim, ...]:
         return self.shape + (self.strides or ())
@@ -103,14 +149,6 @@ class Op:
             d["when"] = self.when
         return d
 
-    @staticmethod
-    def from_json(d: dict) -> Op:
-        return Op(
-            d["op"], tuple(TensorSpec.from_json(t) for t in d["inputs"]),
-            tuple(TensorSpec.from_json(t) for t in d.get("outputs", [])), dict(d.get("attrs", {})),
-            d.get("scope", ""), d.get("count", 1), d.get("per", "step"), d.get("when", ""),
-        )
-
     def tensors(self) -> tuple[TensorSpec, ...]:
         return self.inputs + self.outputs
 
@@ -126,10 +164,9 @@ class Graph:
                 "ops": [op.to_json() for op in self.ops]}
 
     @staticmethod
-    def from_json(d: dict) -> Graph:
-        if d.get("ir_version", IR_VERSION) > IR_VERSION:
-            raise ValueError(f"IR version {d['ir_version']} is newer than this Dooly reads ({IR_VERSION})")
-        return Graph(d["model"], dict(d.get("meta", {})), [Op.from_json(o) for o in d["ops"]])
+    def from_json(d) -> Graph:
+        """The graph of `to_json`'s output, every part checked: IRError names the JSON path of the first fault."""
+        return _JsonReader().graph(d)
 
     def dumps_json(self) -> str:
         return json.dumps(self.to_json(), indent=1, sort_keys=True)
@@ -150,3 +187,90 @@ def map_dims(op: Op, fn) -> Op:
                        strides=None if t.strides is None else tuple(fn(d) for d in t.strides))
 
     return replace(op, inputs=tuple(map(spec, op.inputs)), outputs=tuple(map(spec, op.outputs)))
+
+
+class _JsonReader:
+    """Graph.from_json: each value checked for its type and grammar before it goes into the graph."""
+
+    def __init__(self):
+        self.config: dict[str, int] = {}
+        self.request: frozenset[str] = frozenset()
+
+    @staticmethod
+    def fail(path: str, what: str):
+        raise IRError(f"{path or 'the top level'}: expected {what}")
+
+    def get(self, d, key: str, path: str, check, what: str, default=None, required: bool = False):
+        if type(d) is not dict:
+            self.fail(path, "an object")
+        if key not in d:
+            if required:
+                self.fail(f"{path}.{key}".lstrip("."), what)
+            return default
+        if not check(d[key]):
+            self.fail(f"{path}.{key}".lstrip("."), what)
+        return d[key]
+
+    def graph(self, d) -> Graph:
+        version = self.get(d, "ir_version", "", is_int, "an IR version number", IR_VERSION)
+        if version > IR_VERSION:
+            raise IRError(f"IR version {version} is newer than this Dooly reads ({IR_VERSION})")
+        model = self.get(d, "model", "", lambda v: type(v) is str and MODEL_NAME.fullmatch(v), "a model name "
+                         "(letters, digits and _.+-)", required=True)
+        meta = dict(self.get(d, "meta", "", lambda v: type(v) is dict, "an object", {}))
+        self.config = self.get(meta, "config", "meta", lambda v: type(v) is dict and all(
+            type(k) is str and FIELD.fullmatch(k) and is_int(x) and x > 0 for k, x in v.items()),
+            "config field names with positive integer values", {})
+        self.request = frozenset(self.get(meta, "request_symbols", "meta", lambda v: type(v) is list and all(
+            type(x) is str and x in REQUEST_SYMBOLS for x in v), f"request symbols of {', '.join(REQUEST_SYMBOLS)}",
+            []))
+        ops = self.get(d, "ops", "", lambda v: type(v) is list, "a list of ops", required=True)
+        return Graph(model, meta, [self.op(o, i) for i, o in enumerate(ops)])
+
+    def op(self, d, index: int) -> Op:
+        path = f"ops[{index}]"
+        name = self.get(d, "op", path, lambda v: type(v) is str and OP_NAME.fullmatch(v),
+                        "an op name (namespace.op or namespace.op.overload)", required=True)
+        tensors = lambda v: type(v) is list  # noqa: E731
+        inputs = self.get(d, "inputs", path, tensors, "a list of tensors", required=True)
+        outputs = self.get(d, "outputs", path, tensors, "a list of tensors", [])
+        attrs = self.get(d, "attrs", path, lambda v: type(v) is dict and all(type(k) is str and FIELD.fullmatch(k)
+                                                                              for k in v), "an object of attributes",
+                         {})
+        problem = next((p for k, v in attrs.items() if (p := attr_problem(v, f"{path}.attrs.{k}"))), None)
+        if problem:
+            self.fail(*problem)
+        return Op(name, tuple(self.tensor(t, f"{path}.inputs[{i}]", index) for i, t in enumerate(inputs)),
+                  tuple(self.tensor(t, f"{path}.outputs[{i}]", index) for i, t in enumerate(outputs)), dict(attrs),
+                  self.get(d, "scope", path, lambda v: type(v) is str and SCOPE.fullmatch(v),
+                           "a module scope (dotted names, digits or *)", ""),
+                  self.get(d, "count", path, lambda v: is_int(v) and v > 0, "a positive count", 1),
+                  self.get(d, "per", path, lambda v: v in PERS, f"one of {', '.join(PERS)}", "step"),
+                  self.get(d, "when", path, lambda v: v == "" or v in CONDITIONS,
+                           f"a condition ({' or '.join(CONDITIONS)})", ""))
+
+    def tensor(self, d, path: str, index: int) -> TensorSpec:
+        dtype = self.get(d, "dtype", path, lambda v: v in DTYPES.values(), f"a dtype ({', '.join(DTYPES.values())})",
+                         required=True)
+        dims = lambda v: type(v) is list  # noqa: E731
+        shape = self.get(d, "shape", path, dims, "a list of dims", required=True)
+        strides = self.get(d, "strides", path, lambda v: v is None or dims(v) and len(v) == len(shape),
+                           "null or a list of dims as long as the shape")
+        src = self.get(d, "src", path, lambda v: v is None or is_int(v) and 0 <= v < index,
+                       f"null or the index of an earlier op (below {index})")
+        return TensorSpec(dtype, tuple(self.dim(x, f"{path}.shape[{i}]") for i, x in enumerate(shape)),
+                          None if strides is None else tuple(self.dim(x, f"{path}.strides[{i}]")
+                                                             for i, x in enumerate(strides)), src)
+
+    def dim(self, d, path: str) -> Dim:
+        expr = self.get(d, "expr", path, is_expr, "a dimension expression (integer arithmetic over symbols)",
+                        required=True)
+        try:
+            kind = dim_kind(expr, self.config, self.request)
+        except ExprError as e:
+            raise IRError(f"{path}.expr: {e}") from None
+        self.get(d, "kind", path, lambda v: v in (None, kind), f"null or {kind!r} (from its symbols)")
+        value = self.get(d, "value", path, lambda v: v is None or is_int(v) and v >= 0, "null or a size")
+        if value is None and kind in ("config", "const"):
+            self.fail(f"{path}.value", f"the value of this {kind} dim")
+        return Dim(expr, kind, value)

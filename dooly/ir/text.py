@@ -13,14 +13,35 @@
 an input; `{...}` after a shape gives its strides when the tensor is not contiguous; a JSON object after the
 inputs holds the op's scalar attributes; `per-request` marks ops the engine runs once per request, `when ...` the
 condition under which it runs them at all. Lines starting with `#` are comments.
+
+Reading checks every part against the IR's grammar (dtypes from a fixed table, op names, scopes, dim expressions,
+attribute values): a line that breaks it is an IRError naming its line and column, whatever else the file holds.
 """
 
 from __future__ import annotations
 
 import json
 
-from .expr import ExprError, names
-from .graph import IR_VERSION, KINDS, Dim, Graph, Op, TensorSpec
+from .expr import ExprError
+from .graph import (
+    CONDITIONS,
+    DTYPES,
+    FIELD,
+    IR_VERSION,
+    MODEL_NAME,
+    OP_NAME,
+    PERS,
+    REQUEST_SYMBOLS,
+    SCOPE,
+    Dim,
+    Graph,
+    IRError,
+    Op,
+    TensorSpec,
+    attr_problem,
+    dim_kind,
+    is_int,
+)
 
 
 def format_dim(d: Dim) -> str:
@@ -56,16 +77,23 @@ def dumps(g: Graph, header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-class ParseError(ValueError):
+class ParseError(IRError):
     pass
+
+
+SHOWN = 60  # characters of the line shown around a fault
 
 
 class _Cursor:
     def __init__(self, text: str, lineno: int):
         self.text, self.pos, self.lineno = text, 0, lineno
 
-    def fail(self, what: str):
-        raise ParseError(f"line {self.lineno}, column {self.pos + 1}: expected {what}: {self.text!r}")
+    def fail(self, what: str, pos: int | None = None):
+        pos = self.pos if pos is None else pos
+        start = max(0, pos - SHOWN // 2)
+        shown = ("..." if start else "") + self.text[start:start + SHOWN] + (
+            "..." if start + SHOWN < len(self.text) else "")
+        raise ParseError(f"line {self.lineno}, column {pos + 1}: expected {what}: {shown!r}")
 
     def peek(self, s: str) -> bool:
         return self.text.startswith(s, self.pos)
@@ -89,130 +117,213 @@ class _Cursor:
             self.pos += 1
         return self.text[start:self.pos]
 
+    def word(self, stops: str, grammar, what: str) -> str:
+        start = self.pos
+        text = self.until(stops)
+        if not grammar(text):
+            self.fail(what, start)
+        return text
+
     def integer(self) -> int:
         start = self.pos
-        while self.pos < len(self.text) and self.text[self.pos].isdigit():
+        while self.pos < len(self.text) and self.text[self.pos] in "0123456789":
             self.pos += 1
-        if start == self.pos:
-            self.fail("a number")
-        return int(self.text[start:self.pos])
+        value = _size(self.text[start:self.pos])
+        if value is None:
+            self.fail("a number below 2**63", start)
+        return value
 
 
-def _dims(cur: _Cursor, close: str, config: frozenset[str], request: frozenset[str]) -> tuple[Dim, ...]:
+def _size(text: str) -> int | None:
+    """The value of a string of ASCII digits below 2**63, else None (also for a string too long to convert)."""
+    digits = text.lstrip("0") or ("0" if text else "")
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 19):
+        return None
+    return int(digits) if is_int(int(digits)) else None
+
+
+def _dims(cur: _Cursor, close: str, config, request: frozenset[str]) -> tuple[Dim, ...]:
     out: list[Dim] = []
     while not cur.peek(close):
         if cur.pos >= len(cur.text):
             cur.fail(repr(close))
+        start = cur.pos
         text = cur.until(",]}").strip()
-        expr, _, value = text.partition("=")
-        if value and not value.isdigit():
-            cur.fail(f"a number after '=' in {text!r}")
+        expr, equals, value_text = text.partition("=")
+        value = _size(value_text)
+        if equals and value is None:
+            cur.fail(f"a size after '=' in {text!r}", start)
         try:
-            used = names(expr)
-        except ExprError:
-            cur.fail(f"a dimension expression, not {expr!r}")
-        if used - config - request:
-            cur.fail(f"known symbols in {expr!r}")
-        if not used:
-            kind = "const"
-        elif used <= config:
-            kind = "config"
-        elif used <= request:
-            kind = "request"
-        else:
-            kind = "mix"
-        out.append(Dim(expr, kind, int(value) if value else (int(expr) if kind == "const" else None)))
+            kind = dim_kind(expr, config, request)
+        except ExprError as e:
+            cur.fail(f"a dimension expression over known symbols ({e})", start)
+        if kind == "const" and value is None:
+            value = _size(expr)
+        if kind in ("config", "const") and value is None:
+            cur.fail(f"the size of {kind} dim {expr!r} (as {expr}=size)", start)
+        out.append(Dim(expr, kind, value))
         if cur.peek(", "):
             cur.eat(", ")
     cur.eat(close)
     return tuple(out)
 
 
-def _tensor(cur: _Cursor, config, request) -> TensorSpec:
+def _tensor(cur: _Cursor, config, request, index: int) -> TensorSpec:
     src = None
     if cur.peek("%"):
+        start = cur.pos
         cur.eat("%")
         src = cur.integer()
+        if src >= index:
+            cur.fail(f"an earlier op than %{index}", start)
         cur.eat(":")
-    dtype = cur.until("[")
+    dtype = cur.word("[", lambda t: t in DTYPES.values(), f"a dtype ({', '.join(DTYPES.values())})")
     cur.eat("[")
     shape = _dims(cur, "]", config, request)
     strides = None
     if cur.peek("{"):
+        start = cur.pos
         cur.eat("{")
         strides = _dims(cur, "}", config, request)
+        if len(strides) != len(shape):
+            cur.fail(f"{len(shape)} strides, one for each dim", start)
     return TensorSpec(dtype, shape, strides, src)
 
 
-def _tensors(cur: _Cursor, close: str, config, request) -> tuple[TensorSpec, ...]:
+def _tensors(cur: _Cursor, close: str, config, request, index: int) -> tuple[TensorSpec, ...]:
     out = []
     while not cur.peek(close):
         if cur.pos >= len(cur.text):
             cur.fail(repr(close))
-        out.append(_tensor(cur, config, request))
+        out.append(_tensor(cur, config, request, index))
         if cur.peek(", "):
             cur.eat(", ")
     cur.eat(close)
     return tuple(out)
 
 
-def _op(cur: _Cursor, config, request) -> Op:
+def _attrs(cur: _Cursor) -> dict:
+    start = cur.pos
+    try:
+        attrs, cur.pos = json.JSONDecoder().raw_decode(cur.text, cur.pos)
+    except json.JSONDecodeError as e:
+        cur.fail(f"a JSON object of attributes ({e.msg})", e.pos)
+    except (ValueError, RecursionError):  # a number too long for Python, or nesting too deep
+        cur.fail("a JSON object of attributes of plain values", start)
+    if type(attrs) is not dict or not all(FIELD.fullmatch(k) for k in attrs):
+        cur.fail("a JSON object of attributes named by identifiers", start)
+    problem = next((p for k, v in attrs.items() if (p := attr_problem(v, k))), None)
+    if problem:
+        cur.fail(f"{problem[1]} at attribute {problem[0]}", start)
+    return attrs
+
+
+def _op(cur: _Cursor, config, request, index: int) -> Op:
     cur.eat("%")
-    cur.integer()
+    start = cur.pos
+    if cur.integer() != index:
+        cur.fail(f"op number {index} (ops are numbered in order)", start)
     cur.eat(" = ")
-    name = cur.until("(")
+    name = cur.word("(", OP_NAME.fullmatch, "an op name (namespace.op or namespace.op.overload)")
     cur.eat("(")
-    inputs = _tensors(cur, ")", config, request)
+    inputs = _tensors(cur, ")", config, request, index)
     attrs = {}
     if cur.peek(" {"):
         cur.eat(" ")
-        attrs, end = json.JSONDecoder().raw_decode(cur.text, cur.pos)
-        cur.pos = end
+        attrs = _attrs(cur)
     cur.eat(" -> ")
     if cur.peek("("):
         cur.eat("(")
-        outputs = _tensors(cur, ")", config, request)
+        outputs = _tensors(cur, ")", config, request, index)
     else:
-        outputs = (_tensor(cur, config, request),)
+        outputs = (_tensor(cur, config, request, index),)
     cur.eat(" @")
-    scope = cur.until(" ")
+    scope = cur.word(" ", SCOPE.fullmatch, "a module scope (dotted names, digits or *)")
     cur.eat(" x")
     count = cur.integer()
+    if count == 0:
+        cur.fail("a positive count", cur.pos - 1)
     per, when = "step", ""
     if cur.peek(" per-"):
         cur.eat(" per-")
-        per = cur.until(" ")
+        per = cur.word(" ", lambda t: t in PERS, f"one of {', '.join(PERS)} after 'per-'")
     if cur.peek(" when "):
         cur.eat(" when ")
         when = cur.text[cur.pos:]
+        if when not in CONDITIONS:
+            cur.fail(f"a condition ({' or '.join(CONDITIONS)})")
         cur.pos = len(cur.text)
     if cur.pos != len(cur.text):
         cur.fail("end of line")
     return Op(name, inputs, outputs, attrs, scope, count, per, when)
 
 
+def _version(cur: _Cursor) -> None:
+    cur.pos = len("ir ")
+    version = cur.integer()
+    if cur.pos != len(cur.text):
+        cur.fail("end of line")
+    if version > IR_VERSION:
+        raise ParseError(f"line {cur.lineno}: IR version {version} is newer than this Dooly reads ({IR_VERSION})")
+
+
+def _meta(cur: _Cursor) -> dict:
+    cur.pos = len("meta ")
+    try:
+        meta = json.loads(cur.text[cur.pos:])
+    except json.JSONDecodeError as e:
+        cur.fail(f"a JSON object ({e.msg})", cur.pos + e.pos)
+    except (ValueError, RecursionError):  # a number too long for Python, or nesting too deep
+        cur.fail("a JSON object of plain values")
+    if type(meta) is not dict:
+        cur.fail("a JSON object")
+    return meta
+
+
+def _config(cur: _Cursor) -> dict[str, int]:
+    cur.pos, config = len("config "), {}
+    for item in cur.text[cur.pos:].split(" ") if cur.pos < len(cur.text) else []:
+        key, _, value = item.partition("=")
+        if not FIELD.fullmatch(key) or not _size(value):
+            cur.fail("field=size, sizes positive")
+        config[key] = _size(value)
+        cur.pos += len(item) + 1
+    return config
+
+
+def _request(cur: _Cursor) -> frozenset[str]:
+    cur.pos, symbols = len("request "), []
+    for symbol in cur.text[cur.pos:].split(" ") if cur.pos < len(cur.text) else []:
+        if symbol not in REQUEST_SYMBOLS:
+            cur.fail(f"a request symbol ({', '.join(REQUEST_SYMBOLS)})")
+        symbols.append(symbol)
+        cur.pos += len(symbol) + 1
+    return frozenset(symbols)
+
+
 def loads(text: str) -> Graph:
+    """The graph of an IR text; ParseError (an IRError) names the line and column of the first fault."""
     model, meta, config, request, ops = None, {}, {}, frozenset(), []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
-        head, _, rest = line.partition(" ")
+        head = line.partition(" ")[0]
+        cur = _Cursor(line, lineno)
         if head == "ir":
-            if int(rest) > IR_VERSION:
-                raise ParseError(f"IR version {rest} is newer than this Dooly reads ({IR_VERSION})")
+            _version(cur)
         elif head == "model":
-            model = rest
+            cur.pos = len("model ")
+            model = cur.word("", MODEL_NAME.fullmatch, "a model name (letters, digits and _.+-)")
         elif head == "meta":
-            meta = json.loads(rest)
+            meta = _meta(cur)
         elif head == "config":
-            config = {k: int(v) for k, v in (kv.split("=") for kv in rest.split())}
+            config = _config(cur)
         elif head == "request":
-            request = frozenset(rest.split())
+            request = _request(cur)
         elif head.startswith("%"):
-            ops.append(_op(_Cursor(line, lineno), frozenset(config), request))
+            ops.append(_op(cur, config, request, len(ops)))
         else:
-            raise ParseError(f"line {lineno}: unknown line {line!r}")
+            raise ParseError(f"line {lineno}: unknown line {cur.text[:SHOWN]!r}")
     if model is None:
         raise ParseError("no 'model' line")
-    assert all(d.kind in KINDS for op in ops for t in op.tensors() for d in t.dims())
     return Graph(model, {**meta, "config": config, "request_symbols": sorted(request)}, ops)

@@ -6,8 +6,11 @@
 - A signature the store never measured goes to its op family's LightGBM regressor, trained on every measured
   point of that family (features: request sizes, FLOPs, bytes, roofline time, dtype, op).
 
-Fitted regressors are saved beside the store (`<store>.models/`) with a digest of what they were fitted on, and
-reloaded without refitting while the store is unchanged.
+Fitted models are saved beside the store (`<store>.models/<environment hash>/`) in formats that loading cannot run
+code from: `model.json` (grids, canonical signatures, cross-validation, the digest of the measurements they were
+fitted on, and the sha256 of each regressor file) and one LightGBM text model per family (`regressor-<family>.txt`),
+each file written whole or not at all. They are reloaded without refitting while the store is unchanged; a folder
+that is missing, truncated, corrupt or stale is fitted again and overwritten.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from ..bench.sweep import refine_axis
 FAMILIES = ("gemm", "attention", "moe", "pointwise", "reduction", "memory")
 AXIS_FEATURES = ("M", "N", "T", "K", "q", "k", "R", "Kmax", "Tmax")
 DEFAULT_ROUTING = 0  # expert GEMMs: tokens spread evenly over experts unless asked otherwise
+SAVED_FORMAT = 1
 
 
 class Extrapolation(UserWarning):
@@ -181,7 +186,7 @@ def fit(rows: dict, sigs: dict, folds: int = 5) -> OpModel:
         for train, test in KFold(folds, shuffle=True, random_state=0).split(X):
             model = _lgbm().fit(X[train], y[train])
             errors += list(np.abs(np.exp2(model.predict(X[test]) - y[test]) - 1))
-        regressors[family] = _lgbm().fit(X, y)
+        regressors[family] = _lgbm().fit(X, y).booster_  # what a saved model reloads as
         interp = [e for h in grids if sigs[h][0] == family for e in _loo_mape(grids[h])]
         cv[family] = {"points": len(X), "signatures": len(set(groups)), "regressor_mape": float(np.mean(errors)),
                       "interpolation_mape": float(np.mean(interp)) if interp else None}
@@ -193,22 +198,82 @@ def model_dir(store_path: Path, env: str) -> Path:
     return Path(f"{store_path}.models") / safe
 
 
-def load_or_fit(store, env: str, refit: bool = False) -> tuple[OpModel, bool]:
-    """The fitted model of `env`, from disk if it was fitted on exactly the store's current measurements."""
-    import pickle
+def _grid_json(grid: Grid) -> dict:
+    return {"axes": list(grid.axes), "along": grid.along, "outer": grid.outer,
+            "lines": [[k, xs.tolist(), ys.tolist()] for k, (xs, ys) in grid.lines.items()]}
 
-    rows, sigs = _measurements(store, env)
-    stamp_of_rows = digest(rows)
-    folder = model_dir(store.path, env)
-    stamp = folder / "digest.json"
-    if not refit and stamp.exists():
-        saved = json.loads(stamp.read_text())
-        if saved.get("digest") == stamp_of_rows and (folder / "model.pkl").exists():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return pickle.loads((folder / "model.pkl").read_bytes()), False
-    model = fit(rows, sigs)
+
+def _grid(d: dict) -> Grid:
+    return Grid(tuple(d["axes"]), d["along"], d["outer"],
+                {int(k): (np.array(xs, dtype=np.float64), np.array(ys, dtype=np.float64)) for k, xs, ys in d["lines"]})
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader finds the old file or the new one, never a part (a crash or a full
+    disk leaves a temporary file beside it)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(model: OpModel, folder: Path, stamp: str, env: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.pkl").write_bytes(pickle.dumps(model))
-    stamp.write_text(json.dumps({"digest": stamp_of_rows, "environment": env, "cv": model.cv}, indent=1))
+    files = {}
+    for family, booster in sorted(model.regressors.items()):
+        text = booster.model_to_string()
+        files[family] = {"file": f"regressor-{family}.txt", "sha256": _sha256(text)}
+        _write_whole(folder / files[family]["file"], text)
+    body = {"format": SAVED_FORMAT, "digest": stamp, "environment": env, "cv": model.cv, "regressors": files,
+            "grids": {h: _grid_json(g) for h, g in model.grids.items()}, "canonicals": model.canonicals}
+    _write_whole(folder / "model.json", json.dumps({"sha256": _sha256(json.dumps(body, sort_keys=True)),
+                                                   "model": body}, sort_keys=True))
+    for stale in ("model.pkl", "digest.json"):  # what earlier versions saved: pickles, which loading would run
+        (folder / stale).unlink(missing_ok=True)
+
+
+def load(folder: Path, stamp: str) -> OpModel | None:
+    """The model saved in `folder` if it is whole and was fitted on measurements of digest `stamp`, else None."""
+    import lightgbm
+
+    try:
+        saved = json.loads((folder / "model.json").read_text())
+        body = saved["model"]
+        if saved["sha256"] != _sha256(json.dumps(body, sort_keys=True)) or body["format"] != SAVED_FORMAT \
+                or body["digest"] != stamp:
+            return None
+        regressors = {}
+        for family, entry in body["regressors"].items():
+            if family not in FAMILIES:
+                return None
+            text = (folder / entry["file"]).read_text() if entry["file"] == f"regressor-{family}.txt" else ""
+            if _sha256(text) != entry["sha256"]:
+                return None
+            regressors[family] = lightgbm.Booster(model_str=text)
+        return OpModel({h: _grid(g) for h, g in body["grids"].items()}, regressors, body["canonicals"], body["cv"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError, lightgbm.basic.LightGBMError):
+        return None
+
+
+def load_or_fit(store, env: str, refit: bool = False) -> tuple[OpModel, bool]:
+    """The fitted model of `env`: from disk if it was fitted on exactly the store's current measurements, else
+    fitted now and saved."""
+    rows, sigs = _measurements(store, env)
+    stamp = digest(rows)
+    folder = model_dir(store.path, env)
+    model = None if refit else load(folder, stamp)
+    if model is not None:
+        return model, False
+    model = fit(rows, sigs)
+    save(model, folder, stamp, env)
     return model, True
