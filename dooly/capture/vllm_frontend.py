@@ -5,8 +5,9 @@ fused qkv / gate_up GEMMs, a flat token batch `[T, hidden]`, attention and MoE e
 step is the runner's: attention metadata of the batch, the forward, logits of the R rows it samples from (one per
 request), greedy sampling by vLLM's `Sampler`.
 
-vLLM here is its CUDA wheel on a CPU-only torch (`VLLM_TARGET_DEVICE=cpu`). Where the CPU build would run something
-else than the GPU engine, the GPU's choice is set up by hand:
+vLLM here is its CUDA wheel (0.24.0, with its torch 2.11.0) on a machine without a GPU, on vLLM's CPU platform, which
+the frontend selects itself. Where the CPU build would run something else than the GPU engine, the GPU's choice is
+set up by hand:
 
 - linear layers and the LM head run `F.linear` (the CPU build picks a GEMM while loading weights, which we skip);
 - custom ops run their torch code (`custom_ops=["none"]`, vLLM's default under torch.compile): their CUDA kernels
@@ -31,7 +32,6 @@ re-trace; a field torch still pins (gemma-2's head_dim) goes through `trace_with
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import tempfile
 from dataclasses import replace
@@ -40,6 +40,10 @@ from unittest import mock
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import vllm
+import vllm.platforms
+from vllm.platforms.cpu import CpuPlatform
+from vllm.utils.platform_utils import is_pin_memory_available
 
 from ..config import ModelConfig
 from ..errors import DoolyError
@@ -61,9 +65,10 @@ from .lower import attr_value, lower, tensor_spec
 from .recorder import Recorder
 from .symbolic import SymbolTable
 
-os.environ["VLLM_TARGET_DEVICE"] = "cpu"  # read when vLLM first resolves its platform, after `import vllm`
-
-import vllm  # noqa: E402
+# vLLM's PyPI wheel is its CUDA build, which resolves no platform without a GPU (`import vllm` already did, to
+# UnspecifiedPlatform); only a CPU build or macOS would pick the CPU one. Select it before anything reads it.
+vllm.platforms._current_platform = CpuPlatform()
+is_pin_memory_available.cache_clear()  # cached under the platform resolved at import
 from vllm.config import (  # noqa: E402
     CacheConfig,
     CompilationConfig,
@@ -71,9 +76,7 @@ from vllm.config import (  # noqa: E402
     VllmConfig,
     set_current_vllm_config,
 )
-from vllm.config import (
-    ModelConfig as VllmModelConfig,
-)
+from vllm.config import ModelConfig as VllmModelConfig  # noqa: E402
 from vllm.forward_context import set_forward_context  # noqa: E402
 from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
@@ -119,10 +122,23 @@ def engine_config(cfg: ModelConfig, n_layers: int, dtype: str, folder: str, **ov
         raise DoolyError(f"{cfg.name}: vLLM rejects this config: {str(e).splitlines()[0]}") from None
 
 
+class _KernelStubs:
+    """`torch.ops._C` while layers are built: some bind a CUDA kernel in `__init__` (GeluAndMul) that the traced
+    `forward_native` never calls, and the CUDA wheel's kernels do not load without a GPU. A stub that is called
+    says which kernel the step needed."""
+
+    def __getattr__(self, name):
+        def missing(*args, **kwargs):
+            raise DoolyError(f"vLLM's kernel _C.{name} runs in this step, and it has no CPU build")
+
+        return missing
+
+
 @contextlib.contextmanager
 def _engine_patches():
     """What building vLLM's layers on the CPU build, around a symbolic head size, takes.
 
+    - CUDA kernels that layers bind while being built are stubs (`_KernelStubs`).
     - Attention layers get the GPU's backend (see the module docstring); going through the backend selector would
       also hash the head size, which a SymInt cannot be.
     - `get_rope` caches rotary embeddings in a dict keyed by the head size, and computes `rotary_dim =
@@ -148,6 +164,7 @@ def _engine_patches():
             pass
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(torch.ops, "_C", _KernelStubs()))
         stack.enter_context(mock.patch.object(attention, "get_attn_backend", lambda *a, **k: ATTENTION.get_class()))
         stack.enter_context(mock.patch.object(rotary_embedding, "_ROPE_DICT", NoCache()))
         for name, module in list(sys.modules.items()):  # model modules bind get_rope by name
@@ -216,7 +233,7 @@ def metadata_builders(vc: VllmConfig) -> dict:
 
 def build_metadata(builder, vc: VllmConfig, batch: dict, T, R, Kmax, Tmax):
     """The attention metadata of one step: the runner's `CommonAttentionMetadata` of the batch, through `builder`."""
-    blocks = builder.kv_cache_spec.max_num_blocks_per_req(vc, vc.model_config.max_model_len)
+    blocks = -(-vc.model_config.max_model_len // builder.kv_cache_spec.block_size)  # the runner's BlockTable width
     common = CommonAttentionMetadata(
         query_start_loc=batch["query_start_loc"], query_start_loc_cpu=batch["query_start_loc"],
         seq_lens=batch["seq_lens"], num_reqs=R, num_actual_tokens=T, max_query_len=Tmax, max_seq_len=Kmax,
@@ -302,11 +319,6 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, 
 
 
 def capture(cfg: ModelConfig, dtype: str = "bf16") -> Capture:
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        raise DoolyError(f"vLLM resolved its platform ({type(current_platform).__name__}) before the vllm frontend "
-                         "was imported; it needs VLLM_TARGET_DEVICE=cpu")
     kinds, windows = _meta_layers(cfg, cfg.num_layers)
     n = max(kinds.index(kind) for kind in kinds) + 1
     if _meta_layers(cfg, n)[0] != kinds[:n]:
