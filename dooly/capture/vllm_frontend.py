@@ -14,7 +14,10 @@ set up by hand:
   live in `vllm._C`, which a CPU torch cannot load;
 - attention uses FLASH_ATTN, the backend vLLM picks on an H100 (CudaPlatform's first choice on SM90); the CPU
   platform only offers CPU_ATTN, whose metadata builder calls a `vllm._C` kernel;
-- MoE experts run as the `vllm.moe_forward` op, as `MoERunner` picks on a GPU (on a CPU it calls `vllm._C` kernels).
+- MoE experts run as the `vllm.moe_forward` op, as `MoERunner` picks on a GPU (on a CPU it calls `vllm._C` kernels);
+- gated delta-net layers (Qwen3-Next) run their GPU path, the `vllm.qwen_gdn_attention_core` op (the CPU platform's
+  is `cpu_gdn_attention_core`); MLA layers (DeepSeek) run as `unified_mla_attention_with_output`, built with
+  TRITON_MLA (see MLA_ATTENTION); Llama-4's chunked layers as `unified_attention_with_output` with their chunk size.
 
 Attention request dims: vLLM's own builder. The attention op `vllm.unified_attention_with_output(q, k, v, out,
 layer_name)` reads the batch layout from the forward context, not from its arguments, so its recorded inputs carry T
