@@ -13,6 +13,12 @@ ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "llama": (), "mistral": (), "qwen2": (), "qwen3": (), "gemma2": (), "phi3": (), "cohere2": (),
     "mixtral": ("num_local_experts", "num_experts_per_tok"),
     "qwen3_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size"),
+    # run by the vllm frontend only (transformers' paged cache takes none of them)
+    "deepseek_v3": ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
+    "qwen3_next": ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "linear_num_key_heads",
+                   "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim"),
+    "llama4_text": ("num_local_experts", "num_experts_per_tok", "intermediate_size_mlp", "attention_chunk_size"),
 }
 COMMON_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
 

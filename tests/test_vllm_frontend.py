@@ -3,14 +3,21 @@
 Needs the `vllm` extra (its own venv); skipped elsewhere.
 """
 
+import functools
+import os
+
 import pytest
 
 vllm = pytest.importorskip("vllm")
 
+from helpers import ROOT, exprs, find, tiny_llama, zoo_graph  # noqa: E402
 from helpers import compile_dict as compile_helper  # noqa: E402
-from helpers import exprs, find, tiny_llama, zoo_graph  # noqa: E402
 
 from dooly.ir import dumps, loads  # noqa: E402
+
+VLLM_ONLY = sorted(p.stem for p in (ROOT / "configs" / "vllm").glob("*.json"))  # what only vLLM runs
+GOLDEN = ROOT / "golden" / "vllm"
+HEADER = "Dooly IR of a vLLM serving step. Regenerate: DOOLY_UPDATE_GOLDEN=1 pytest -m vllm tests/test_vllm_frontend.py"
 
 pytestmark = pytest.mark.vllm
 
@@ -22,6 +29,14 @@ def vllm_graph(name: str):
     return zoo_graph(name, "vllm")
 
 
+@functools.lru_cache(maxsize=None)
+def vllm_only_graph(name: str):
+    from dooly.compile import compile_model
+    from dooly.config import load_config
+
+    return compile_model(load_config(ROOT / "configs" / "vllm" / f"{name}.json"), frontend="vllm")
+
+
 def compile_dict(data: dict):
     return compile_helper(data, frontend="vllm")
 
@@ -29,6 +44,13 @@ def compile_dict(data: dict):
 def _mm(graph, scope):
     (op,) = [o for o in find(graph, scope) if o.name in ("aten.mm", "aten.addmm")]
     return op
+
+
+def _each(graph, scope, name):
+    """The op at `scope`, the same in every kind of layer it appears in, and how many times a step runs it."""
+    ops = find(graph, scope, name)
+    assert len({tuple(tuple(exprs(t)) for t in op.tensors()) for op in ops}) == 1
+    return ops[0], sum(op.count for op in ops)
 
 
 def _attention(graph):
@@ -145,3 +167,90 @@ def test_request_dims_do_not_depend_on_trace_sizes(monkeypatch):
     first = dumps(compile_dict(tiny_llama()))
     monkeypatch.setattr(frontend, "HINTS", {"T": 613, "R": 41, "K": 5009, "Kmax": 777, "Tmax": 101})
     assert dumps(compile_dict(tiny_llama())) == first
+
+
+@pytest.mark.parametrize("name", VLLM_ONLY)
+def test_vllm_only_goldens(name):
+    text = dumps(vllm_only_graph(name), HEADER)
+    golden = GOLDEN / f"{name}.ir"
+    if os.environ.get("DOOLY_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert text == golden.read_text()
+    assert loads(text).to_json() == vllm_only_graph(name).to_json()
+
+
+def test_deepseek_mla_dims_come_from_the_lora_ranks():
+    g = vllm_only_graph("deepseek-r1")
+    # the H100's fused A-GEMM for DeepSeek-V3's shapes
+    a_proj, _ = _each(g, "self_attn.fused_qkv_a_proj", "vllm.min_latency_fused_qkv_a_proj")
+    assert exprs(a_proj.outputs[0]) == ["T", "kv_lora_rank + q_lora_rank + qk_rope_head_dim"]
+    assert a_proj.outputs[0].shape[1].value == 1536 + 512 + 64
+    q_norm, _ = _each(g, "self_attn.q_a_layernorm", "vllm_ir.rms_norm")
+    assert exprs(q_norm.outputs[0]) == ["T", "q_lora_rank"]
+    q_b, _ = _each(g, "self_attn.q_b_proj", "aten.mm")
+    assert exprs(q_b.outputs[0]) == ["T", "num_attention_heads*(qk_nope_head_dim + qk_rope_head_dim)"]
+    assert q_b.outputs[0].shape[1].value == 128 * (128 + 64)
+    attn, count = _each(g, "mla_attn", "vllm.unified_mla_attention_with_output")
+    q, kv_c, k_pe, out = attn.inputs[:4]
+    assert exprs(q) == ["T", "num_attention_heads", "qk_nope_head_dim + qk_rope_head_dim"]
+    assert exprs(kv_c) == ["T", "kv_lora_rank"] and exprs(k_pe) == ["T", "1", "qk_rope_head_dim"]
+    assert exprs(out) == ["T", "num_attention_heads*v_head_dim"]
+    assert [exprs(t) for t in attn.inputs[-3:]] == [["R + 1"], ["R"], ["R", str(163840 // 16)]]
+    assert attn.attrs["seq_lens_sum"] == {"sym": "K"} and count == 61
+    write, _ = _each(g, "mla_attn", "vllm.unified_mla_kv_cache_update")  # the latent cache: kv_c and k_pe only
+    assert exprs(write.inputs[0]) == ["T", "kv_lora_rank"] and exprs(write.inputs[-1]) == ["T"]
+    o_proj, _ = _each(g, "self_attn.o_proj", "aten.mm")
+    assert exprs(o_proj.inputs[0]) == ["T", "num_attention_heads*v_head_dim"]
+
+
+def test_deepseek_dense_first_layers_and_shared_experts():
+    g = vllm_only_graph("deepseek-r1")
+    gate_up, dense = _each(g, "mlp.gate_up_proj", "aten.mm")
+    assert dense == 3 and exprs(gate_up.outputs[0]) == ["T", "2*intermediate_size"]  # first_k_dense_replace
+    moe, count = _each(g, "mlp.experts", "vllm.moe_forward_shared")
+    assert count == 61 - 3 and moe.attrs["top_k"] == {"sym": "num_experts_per_tok"}
+    weights = [exprs(t) for t in moe.inputs[3:]]
+    assert ["n_routed_experts"] in weights  # the router's correction bias (noaux_tc)
+    assert ["n_routed_experts", "2*moe_intermediate_size", "hidden_size"] in weights
+    assert ["n_routed_experts", "hidden_size", "moe_intermediate_size"] in weights
+    assert ["2*moe_intermediate_size*n_shared_experts", "hidden_size"] in weights  # n_shared_experts=1: moved
+    assert ["hidden_size", "moe_intermediate_size*n_shared_experts"] in weights
+    assert g.meta["concrete_fields"] == ["n_shared_experts"]
+
+
+def test_qwen3_next_gated_delta_net_layers():
+    g = vllm_only_graph("qwen3-next-80b-a3b")
+    assert [grp["count"] for grp in g.meta["layer_groups"]][-1] == 12  # every 4th layer is full attention
+    qkvz, count = _each(g, "linear_attn.in_proj_qkvz", "aten.mm")
+    assert count == 36 and qkvz.outputs[0].shape[1].value == 2 * 16 * 128 + 2 * 32 * 128
+    assert exprs(qkvz.outputs[0]) == [
+        "T", "2*linear_key_head_dim*linear_num_key_heads + 2*linear_num_value_heads*linear_value_head_dim"]
+    core, count = _each(g, "linear_attn", "vllm.qwen_gdn_attention_core")
+    assert count == 36
+    qkv, b, a, out = core.inputs[:4]
+    # q, k, v regrouped per key head, as vLLM's fix_query_key_value_ordering does: 2*128*16 + 16*128*(32//16)
+    per_key_head = "(linear_num_value_heads//linear_num_key_heads)"
+    assert exprs(qkv) == ["T", f"2*linear_key_head_dim*linear_num_key_heads + "
+                               f"linear_num_key_heads*linear_value_head_dim*{per_key_head}"]
+    assert qkv.shape[1].value == 8192
+    assert exprs(b) == exprs(a) == ["T", f"linear_num_key_heads*{per_key_head}"]
+    assert exprs(out) == ["T", "linear_num_value_heads", "linear_value_head_dim"]
+    assert [exprs(t) for t in core.inputs[-2:]] == [["R + 1"], ["R"]]  # request starts, recurrent-state slots
+    attn, count = _each(g, "self_attn.attn", "vllm.unified_attention_with_output")
+    assert count == 12 and exprs(attn.inputs[0]) == ["T", "num_attention_heads", "head_dim"]
+    assert not any(op.name.startswith("vllm.cpu_") for op in g.ops)  # the GPU's ops, not the CPU build's
+
+
+def test_llama4_chunked_attention_layers():
+    g = vllm_only_graph("llama-4-scout-17b-16e")
+    attns = [op for op in g.ops if op.name == "vllm.unified_attention_with_output"]
+    chunked = [op for op in attns if "attention_chunk_size" in op.attrs]
+    assert sum(op.count for op in chunked) == 36 and sum(op.count for op in attns) == 48  # no_rope_layers: 3 of 4
+    assert {op.attrs["attention_chunk_size"] for op in chunked} == {8192}
+    assert exprs(chunked[0].inputs[0]) == ["T", "num_attention_heads", "head_dim"]
+    moe, count = _each(g, "feed_forward.experts", "vllm.moe_forward_shared")
+    assert count == 48 and exprs(moe.inputs[3]) == ["num_local_experts", "2*intermediate_size", "hidden_size"]
+    assert ["2*intermediate_size", "hidden_size"] in [exprs(t) for t in moe.inputs[5:]]  # Llama-4's shared expert
+    router, _ = _each(g, "feed_forward.router", "aten.mm")
+    assert exprs(router.outputs[0]) == ["T", "num_local_experts"]

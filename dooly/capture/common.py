@@ -149,6 +149,6 @@ def decoder_layers(model: nn.Module, n: int) -> nn.ModuleList:
 
 
 def prefix_config(cfg: ModelConfig, n: int, **overrides):
-    layer_types = cfg.data.get("layer_types")
-    extra = {"layer_types": layer_types[:n]} if isinstance(layer_types, list) else {}
-    return hf_config(cfg, num_hidden_layers=n, **extra, **overrides)
+    """The config cut to its first `n` layers, its per-layer lists too (`layer_types`, Llama-4's `no_rope_layers`)."""
+    per_layer = {k: v[:n] for k, v in cfg.data.items() if isinstance(v, list) and len(v) == cfg.num_layers}
+    return hf_config(cfg, num_hidden_layers=n, **{**per_layer, **overrides})
