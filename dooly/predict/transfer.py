@@ -410,13 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ..store import Store
 
+    if args.gpu and not args.dry_run:
+        raise DoolyError("--gpu is for a --dry-run only: a transfer writes into an environment of the store")
     store = Store(args.store, create=False)
     source = resolve_environment(store, args.source)
     known = {e.name for e in store.environments()}
-    target = args.target if args.gpu and args.dry_run and args.target not in known else \
-        resolve_environment(store, args.target)
-    if args.gpu and not args.dry_run:
-        raise DoolyError("--gpu is for a --dry-run only: a transfer writes into an environment of the store")
+    target = args.target if args.gpu and args.target not in known else resolve_environment(store, args.target)
     p = plan(store, source, target, args.budget_fraction, args.seed, args.gpu, args.rehearse)
     if args.dry_run:
         result = _dry_run(p, args.points_out)
