@@ -14,6 +14,8 @@ COMMANDS = {
     "simulate": ("dooly.sim.cli", "serve a request trace or synthetic workload in the simulated engine"),
     "export-vidur": ("dooly.sim.vidur", "write Vidur's profiling CSVs for a model from Dooly's predictions"),
     "validate": ("dooly.validate", "Dooly's predictions against the engine's measured ground truth"),
+    "transfer": ("dooly.predict.transfer", "carry a store to a new GPU or environment from a few calibration points"),
+    "compare": ("dooly.compare", "one model on two stores or environments side by side: steps and a workload"),
 }
 
 
