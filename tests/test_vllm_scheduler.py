@@ -174,8 +174,14 @@ def pressure(rng):
     return [Request(i, float(i // 4), p, o) for i, (p, o) in enumerate(zip(prompts, outputs))], None
 
 
+def tight(rng):
+    """A cache of 14 blocks, where a request finishing in the step in flight can be the one preempted."""
+    shapes = [(3, 10, 13), (5, 113, 14), (3, 15, 20), (5, 77, 40), (1, 97, 21), (6, 48, 16), (0, 75, 33), (3, 104, 10)]
+    return [Request(i, float(t), p, o) for i, (t, p, o) in enumerate(shapes)], None
+
+
 def shared_prefixes(rng):
-    systems = [[900_000 + j for j in range(n)] for n in (100, 250, 37)]
+    systems = [[900_000 + j for j in range(n)] for n in (100, 256, 37)]  # a prompt of whole blocks is never all hit
     requests, tokens, t = [], {}, 0.0
     for i in range(30):
         system = systems[i % 3]
@@ -192,6 +198,7 @@ WORKLOADS = {  # name: (workload, num_blocks, budget, max_num_seqs, long_prefill
     "long prompts": (long_prompts, 2000, 1024, 8, 0),
     "long prompts, threshold": (long_prompts, 2000, 1024, 8, 300),
     "memory pressure": (pressure, 60, 1024, 32, 0),
+    "tight cache": (tight, 15, 256, 8, 0),
     "shared prefixes": (shared_prefixes, 2000, 384, 12, 0),
     "shared prefixes, memory pressure": (shared_prefixes, 48, 384, 12, 0),
 }
