@@ -15,6 +15,7 @@ import os
 import random
 
 import pytest
+from helpers import ROOT
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 vllm = pytest.importorskip("vllm")
@@ -218,3 +219,33 @@ def test_dooly_schedules_as_vllm_does(name, caching, async_scheduling, tmp_path)
     for n, (step, expected) in enumerate(zip(steps, expected_steps)):
         assert step == expected, f"step {n}"
     assert first == pytest.approx(expected_first)
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen2.5-7b", "qwen3-30b-a3b", "phi-3-mini"])
+def test_cache_size_is_vllms_arithmetic(name, tmp_path):
+    """Dooly's block bytes are vLLM's page size for the model, and its block count what vLLM's `request_memory` and
+    `get_num_blocks` make of the same measurements."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.config import CacheConfig, ModelConfig, ParallelConfig
+    from vllm.v1.core.kv_cache_utils import get_num_blocks
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.worker.utils import request_memory
+
+    from dooly.config import load_config
+    from dooly.sim.vllm_cache import block_bytes, num_gpu_blocks
+
+    path = ROOT / "configs" / f"{name}.json"
+    (tmp_path / "config.json").write_text(path.read_text())
+    model = ModelConfig(model=str(tmp_path), tokenizer=str(tmp_path), skip_tokenizer_init=True, dtype="bfloat16")
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=model.get_num_kv_heads(ParallelConfig()),
+                             head_size=model.get_head_size(), dtype=torch.bfloat16)
+    cfg = load_config(path)
+    assert block_bytes(cfg) == spec.page_size_bytes
+    gpu, weights, activations, non_torch, graphs = 143_771 * 2**20, 15 * 2**30, 3 * 2**30 + 12345, 2**29, 2**28
+    cache = CacheConfig(gpu_memory_utilization=0.9)
+    requested = request_memory(SimpleNamespace(total_memory=gpu, free_memory=gpu, device_=0), cache)
+    expected = get_num_blocks(SimpleNamespace(cache_config=cache), model.get_num_layers(ParallelConfig()),
+                              requested - weights - activations - non_torch - graphs, spec.page_size_bytes)
+    assert num_gpu_blocks(cfg, gpu, weights, activations, non_torch, graphs) == expected

@@ -260,12 +260,13 @@ class VLLMv1:
         return state.length - state.unread
 
     def _grow(self, state: VLLMState, tokens: int) -> bool:
-        need = -(-(state.cached + tokens) // self.blocks.size) - len(state.table)
-        if need > self.blocks.free:
-            return False
+        pool, end = self.blocks, state.cached + tokens
+        need = -(-end // pool.size) - len(state.table)
         if need > 0:
-            state.table += self.blocks.take(need)
-        self._cache(state, min(state.cached + tokens, self._known(state)))
+            if need > pool.free:
+                return False
+            state.table += pool.take(need)
+        self._cache(state, min(end, self._known(state)))
         return True
 
     def _hits(self, state: VLLMState) -> list[int]:
@@ -289,12 +290,12 @@ class VLLMv1:
 
     def _cache(self, state: VLLMState, tokens: int) -> None:
         """Enter the request's blocks that the first `tokens` tokens fill in the prefix cache."""
-        if not self.blocks.caching:
-            return
         full = tokens // self.blocks.size
+        if not self.blocks.caching or full <= state.hashed:
+            return
         for j in range(state.hashed, full):
             self.blocks.cache(state.table[j], state.block_hash(j, self.blocks.size))
-        state.hashed = max(state.hashed, full)
+        state.hashed = full
 
     def _preempt(self, state: VLLMState) -> None:
         self.blocks.release(state.table)
