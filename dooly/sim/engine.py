@@ -22,6 +22,18 @@ class CacheSize:
     weight_bytes: int
 
 
+def weight_bytes(cfg) -> int:
+    """Bytes of the model's weights in bf16, from the model built on the meta device."""
+    import torch
+
+    from ..capture.common import no_weight_init
+    from ..capture.transformers_cb import hf_config, model_class
+
+    config = hf_config(cfg)
+    with torch.device("meta"), no_weight_init():
+        return sum(p.numel() * p.element_size() for p in model_class(config)(config).to(torch.bfloat16).parameters())
+
+
 def cache_size(cfg, gpu_bytes: int = H100_BYTES, block_size: int = 256, max_batch_tokens: int | None = None,
                max_memory_percent: float = 0.9) -> CacheSize:
     """The cache the engine would allocate for the model of `cfg` (a `dooly.config.ModelConfig`), in bf16."""
@@ -32,13 +44,11 @@ def cache_size(cfg, gpu_bytes: int = H100_BYTES, block_size: int = 256, max_batc
         group_layers_by_attn_type,
     )
 
-    from ..capture.common import no_weight_init
-    from ..capture.transformers_cb import hf_config, model_class
+    from ..capture.transformers_cb import hf_config
     from ..errors import DoolyError
 
     config = hf_config(cfg)
-    with torch.device("meta"), no_weight_init():
-        weights = sum(p.numel() * p.element_size() for p in model_class(config)(config).to(torch.bfloat16).parameters())
+    weights = weight_bytes(cfg)
     available = int((gpu_bytes - weights) * max_memory_percent)
 
     class Handler(PagedAttentionMemoryHandler):
