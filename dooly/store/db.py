@@ -163,18 +163,24 @@ class Store:
         return db
 
     def _check(self, db: sqlite3.Connection, may_create: bool) -> int:
-        """The store's schema version, having refused (without writing a byte) a file this Dooly cannot use."""
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-            raise DoolyError(f"{self.path}: the store is corrupt (SQLite integrity check failed)")
-        if version > SCHEMA_VERSION:
-            raise DoolyError(f"{self.path}: the store has schema version {version}, newer than this Dooly "
-                             f"reads ({SCHEMA_VERSION}); upgrade Dooly to use it")
-        if version == 0 and (tables or not may_create):
-            raise DoolyError(f"{self.path}: an SQLite file, but not a Dooly store "
-                             f"(tables: {', '.join(sorted(tables)) or 'none'})")
-        self._check_tables(db, version)
+        """The store's schema version, having refused (without writing a byte) a file this Dooly cannot use. One
+        read transaction: a migration another process commits meanwhile must not show its tables beside the
+        version it replaced."""
+        db.execute("BEGIN")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise DoolyError(f"{self.path}: the store is corrupt (SQLite integrity check failed)")
+            if version > SCHEMA_VERSION:
+                raise DoolyError(f"{self.path}: the store has schema version {version}, newer than this Dooly "
+                                 f"reads ({SCHEMA_VERSION}); upgrade Dooly to use it")
+            if version == 0 and (tables or not may_create):
+                raise DoolyError(f"{self.path}: an SQLite file, but not a Dooly store "
+                                 f"(tables: {', '.join(sorted(tables)) or 'none'})")
+            self._check_tables(db, version)
+        finally:
+            db.execute("COMMIT")
         return version
 
     def _check_tables(self, db: sqlite3.Connection, version: int) -> None:
