@@ -98,7 +98,7 @@ class Sweeper:
 
         key = point_key(point)
         done = self.store.points(sig.hash, self.env, sig.family).get(key)
-        if done is not None:
+        if done is not None and done["status"] != "transferred":  # a transferred point is measured when reached
             if done["status"] == "ok":
                 self.spread[key] = done["p90_us"] - done["min_us"]
             return done["median_us"]

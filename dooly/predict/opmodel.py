@@ -20,6 +20,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +135,8 @@ def _measurements(store, env: str) -> tuple[dict, dict]:
     for sig_hash, points in data.items():
         info = store.signature(sig_hash)
         sigs[sig_hash] = (info["family"], tuple(info["axes"]), info["canonical"])
-        rows[sig_hash] = [(json.loads(k), r["median_us"]) for k, r in points.items() if r["status"] == "ok"]
+        rows[sig_hash] = [(json.loads(k), r["median_us"]) for k, r in points.items()
+                          if r["status"] in ("ok", "transferred")]
     return rows, sigs
 
 
@@ -217,6 +219,9 @@ def _write_whole(path: Path, text: str) -> None:
     disk leaves a temporary file beside it)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide the models from everyone else who reads the store
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -275,5 +280,8 @@ def load_or_fit(store, env: str, refit: bool = False) -> tuple[OpModel, bool]:
     if model is not None:
         return model, False
     model = fit(rows, sigs)
-    save(model, folder, stamp, env)
+    try:
+        save(model, folder, stamp, env)
+    except OSError as e:  # a store others share, in a folder this user cannot write: use the fit, keep nothing
+        warnings.warn(f"{folder}: fitted models not saved ({e.strerror}); they will be fitted again next time")
     return model, True

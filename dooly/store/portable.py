@@ -25,7 +25,7 @@ ENVIRONMENT = "environment"  # a column that refers to an environment: its name 
 ENVIRONMENT_SETTINGS = [f.name for f in fields(Environment) if f.name != "extra"]
 JSON_TEXT = {("environments", "extra"): dict, ("signatures", "axes"): list, ("signatures", "canonical"): dict}
 POINT_TEXT = {("measurements", "point"), ("host_overhead", "point")}
-STATUSES = {"ok", "skipped"}
+STATUSES = {"ok", "skipped", "transferred"}
 SIGNED = {("host_overhead", "median_us"), ("host_overhead", "p90_us")}  # differences of two host timings
 MAX_INTEGER = 2 ** 63 - 1  # SQLite's
 
@@ -129,10 +129,10 @@ def _row(item, path: Path, lineno: int) -> Row:
         why = _wrong_value(table, col, values[col.name], required)
         if why:
             raise bad(f"{table}.{col.name}: {why}")
-    if table == "measurements" and values.get("status", "ok") == "ok":
+    if table == "measurements" and values.get("status", "ok") in ("ok", "transferred"):
         for name in ("min_us", "median_us", "p90_us", "std_us"):
             if values.get(name) is None:
-                raise bad(f"a measurement with status 'ok' without {name}")
+                raise bad(f"a measurement with status {values.get('status', 'ok')!r} without {name}")
     return Row(lineno, table, values)
 
 
