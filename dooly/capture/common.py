@@ -157,7 +157,7 @@ def prefix_config(cfg: ModelConfig, n: int, **overrides):
 NOT_SIZES = re.compile(r"(_token_id|_token_index|_id)$|^num_hidden_layers$|^sliding_window$")
 
 
-def text_config(cfg: ModelConfig, n_layers: int | None = None, **overrides):
+def text_config(cfg: ModelConfig, n_layers: int | None = None, /, **overrides):
     """The config of the text model the engine runs (a composite config's `get_text_config()`), cut to its first
     `n_layers` decoder layers: every per-layer list is cut with the depth."""
     full = build(cfg.model_type, cfg.data, cfg.name).get_text_config()

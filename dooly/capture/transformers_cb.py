@@ -14,7 +14,6 @@ Model config fields are symbols too, so every dim comes out as the expression to
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import replace
 
 import torch
@@ -52,7 +51,6 @@ FALLBACK_ATTENTION = "paged|eager"  # what the engine runs for a model class tha
 BLOCK_SIZE, NUM_BLOCKS, MAX_BATCH_TOKENS = 256, 512, 8192
 HINTS = {"T": 37, "R": 5, "K": 901, "Ks": 263, "q": 11, "k": 397}  # trace-time values; the IR does not use them
 MIX_CONDITIONS = ("K > T", "K == T")  # the engine reads the cache only when some request has past tokens
-LAYER_SCOPE = re.compile(r"(^|\.)layers\.\d+(\.|$)")
 ATTENTION_OPS = {"aten.scaled_dot_product_attention", "aten.bmm", "aten.matmul", "aten.mm", "aten.baddbmm"}
 KEY_SYMBOLS = {"K", "Ks"}
 
@@ -230,14 +228,15 @@ def tp_plan(cfg: ModelConfig) -> dict[str, str]:
 
 
 def check_serving_step(ops: list[Op], name: str, model_type: str) -> None:
-    """Refuse a step that bypasses the engine's paged interface: no KV-cache write, or no attention over its keys."""
-    layer_ops = [op for op in ops if LAYER_SCOPE.search(op.scope)]
+    """Refuse a step that bypasses the engine's paged interface: the model never writes the KV cache, or runs no
+    attention over its keys."""
+    layer_ops = [op for op in ops if not op.scope.startswith("engine")]
     if not any(op.name == "aten.index_copy_" for op in layer_ops):
-        raise DoolyError(f"{name}: {model_type}: its layers never write the engine's paged KV cache (the model "
+        raise DoolyError(f"{name}: {model_type}: it never writes the engine's paged KV cache (the model "
                          f"does not go through transformers' attention interface): the engine cannot serve it")
     if not any(op.name in ATTENTION_OPS and any(names(d.expr) & KEY_SYMBOLS for t in op.tensors() for d in t.shape)
                for op in layer_ops):
-        raise DoolyError(f"{name}: {model_type}: its layers run no attention over the cached keys: the engine "
+        raise DoolyError(f"{name}: {model_type}: it runs no attention over the cached keys: the engine "
                          f"cannot serve it")
 
 
