@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .config import ModelConfig, load_config
+from .config import MAX_LAYERS, ModelConfig, load_config
 from .errors import DoolyError, command
 from .ir import Graph, dumps
 from .ir.graph import IRError
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: the IR of one rank")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "f16"])
     parser.add_argument("--frontend", default="transformers", choices=["transformers", "vllm"])
+    parser.add_argument("--max-layers", type=int, default=MAX_LAYERS,
+                        help=f"refuse a config of more decoder layers (default {MAX_LAYERS})")
     parser.add_argument("--update-golden", action="store_true",
                         help="regenerate golden/<model>.ir for the given configs (default: the whole zoo)")
     args = parser.parse_args(argv)
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.config) != 1:
         parser.error("give one CONFIG (or --update-golden)")
     start = time.perf_counter()
-    cfg = load_config(args.config[0])
+    cfg = load_config(args.config[0], args.max_layers)
     graph = compile_model(cfg, args.frontend, args.dtype, args.tp)
     written = write(graph, args.out or Path("out") / cfg.name)
     if args.json:

@@ -1,33 +1,36 @@
-"""Reading a model's `config.json` and checking it before anything is built from it."""
+"""Reading a model's `config.json` and checking it before anything is built from it.
+
+Any `model_type` transformers has a config class for is accepted. The class says what the fields are called
+(`attribute_map`: GPT-2's `n_embd` is `hidden_size`) and, for a composite config (a vision-language model), which
+part is the text model the serving engine runs (`get_text_config()`); the checks read that part.
+"""
 
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DoolyError
 
-# model_type -> the fields a config of that architecture must give as positive integers
-ARCHITECTURES: dict[str, tuple[str, ...]] = {
-    "llama": (), "mistral": (), "qwen2": (), "qwen3": (), "gemma2": (), "phi3": (), "cohere2": (),
-    "mixtral": ("num_local_experts", "num_experts_per_tok"),
-    "qwen3_moe": ("num_experts", "num_experts_per_tok", "moe_intermediate_size"),
-    # run by the vllm frontend only (transformers' paged cache takes none of them)
-    "deepseek_v3": ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "kv_lora_rank",
-                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
-    "qwen3_next": ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "linear_num_key_heads",
-                   "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim"),
-    "llama4_text": ("num_local_experts", "num_experts_per_tok", "intermediate_size_mlp", "attention_chunk_size"),
-}
-COMMON_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
-
-# Config fields that size tensors. Capture makes each one a symbol, so a dim is attributed to the field it was
-# computed from, never to whichever field happens to hold the same number.
+# Every decoder LLM has these, whatever its class calls them
+REQUIRED_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+# Fields that size tensors wherever a config gives them: a value that is not a positive integer is refused here,
+# before transformers or the model's code meets it.
+SIZE_FIELDS = REQUIRED_FIELDS + (
+    "intermediate_size", "num_key_value_heads", "head_dim", "num_local_experts", "num_experts",
+    "num_experts_per_tok", "moe_intermediate_size",
+)
+# The fields the vLLM frontend makes symbols of
 SHAPE_FIELDS = (
     "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
     "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
 )
+# Capture builds the full-depth model once (on the meta device) to compare its layers: depth bounds that work
+MAX_LAYERS = 1024
+ACTIVATION_FIELDS = ("hidden_act", "hidden_activation", "activation_function")
+FLOAT_SUFFIXES = ("_eps", "rope_theta", "epsilon")
 
 
 @dataclass(frozen=True)
@@ -35,47 +38,133 @@ class ModelConfig:
     name: str  # the file's stem, e.g. "llama-3.1-8b"
     model_type: str
     data: dict
-
-    @property
-    def shape_fields(self) -> dict[str, int]:
-        return {f: self.data[f] for f in SHAPE_FIELDS if isinstance(self.data.get(f), int)}
-
-    @property
-    def num_layers(self) -> int:
-        return self.data["num_hidden_layers"]
+    num_layers: int  # decoder layers of the text model
+    text_key: str | None = None  # where a composite config keeps its text model ("text_config"), None if top level
 
 
 def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def parse_config(data, name: str, where: str) -> ModelConfig:
+def _config_class(model_type, where: str):
+    from transformers import CONFIG_MAPPING, __version__
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise DoolyError(f"{where}: unknown architecture {model_type!r}: transformers {__version__} has no config "
+                         f"class for it")
+    return CONFIG_MAPPING[model_type]
+
+
+def _text_key(cls) -> str | None:
+    """The key of a composite config's text model, read off a default instance of the class."""
+    try:
+        default = cls()
+    except Exception:  # noqa: BLE001 - a class without defaults: treat the config as flat
+        return None
+    text = default.get_text_config()
+    return next((k for k in getattr(cls, "sub_configs", {}) if getattr(default, k, None) is text), None)
+
+
+def _text_class(cls, key: str | None):
+    return cls if key is None else cls.sub_configs[key]
+
+
+def _given(data: dict, field: str, aliases: dict) -> str | None:
+    """The key under which `data` gives `field`: its own name or the name the config class stores it under."""
+    for key in (field, aliases.get(field)):
+        if key is not None and data.get(key) is not None:
+            return key
+    return None
+
+
+def _check_raw(text: dict, aliases: dict, where: str, max_layers: int) -> None:
+    layers_key = _given(text, "num_hidden_layers", aliases)
+    layers = text.get(layers_key) if layers_key else None
+    if _positive_int(layers) and layers > max_layers:
+        raise DoolyError(f"{where}: num_hidden_layers is {layers}, over the limit of {max_layers} "
+                         f"(--max-layers raises it)")
+    for field in SIZE_FIELDS:
+        key = _given(text, field, aliases)
+        if key is not None and not _positive_int(text[key]):
+            raise DoolyError(f"{where}: field {field!r} must be a positive integer, got {text[key]!r}")
+    for field in REQUIRED_FIELDS:
+        if _given(text, field, aliases) is None:
+            raise DoolyError(f"{where}: required field {field!r} is missing")
+
+
+def _check_built(text, where: str) -> None:
+    """What the config class accepts but the model's code would fail on, in the model's terms."""
+    from transformers.activations import ACT2FN
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for field in ACTIVATION_FIELDS:
+        act = getattr(text, field, None)
+        if isinstance(act, str) and act not in ACT2FN:
+            raise DoolyError(f"{where}: unknown activation {field}={act!r}")
+    rope = getattr(text, "rope_parameters", None) or {}
+    for params in [rope] if "rope_type" in rope or "rope_theta" in rope else list(rope.values()):
+        if not isinstance(params, dict):
+            continue
+        kind = params.get("rope_type", "default")
+        if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
+            raise DoolyError(f"{where}: unknown rope_type {kind!r} "
+                             f"(transformers knows default, {', '.join(ROPE_INIT_FUNCTIONS)})")
+        _check_number(params, "rope_theta", where)
+    for field, value in vars(text).items():
+        if field.endswith(FLOAT_SUFFIXES):
+            _check_number({field: value}, field, where)
+    heads, kv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    if _positive_int(kv) and heads % kv:
+        raise DoolyError(f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv})")
+
+
+def _check_number(params: dict, field: str, where: str) -> None:
+    value = params.get(field)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        raise DoolyError(f"{where}: field {field!r} must be a number, got {value!r}")
+
+
+def parse_config(data, name: str, where: str, max_layers: int = MAX_LAYERS) -> ModelConfig:
     if not isinstance(data, dict):
         raise DoolyError(f"{where}: a config.json must hold a JSON object, not {type(data).__name__}")
     model_type = data.get("model_type")
     if model_type is None:
         raise DoolyError(f"{where}: no 'model_type' field: cannot tell the architecture")
-    if model_type not in ARCHITECTURES:
-        raise DoolyError(f"{where}: unsupported architecture {model_type!r} "
-                         f"(Dooly knows {', '.join(sorted(ARCHITECTURES))})")
-    for f in COMMON_FIELDS + ARCHITECTURES[model_type]:
-        if f not in data:
-            raise DoolyError(f"{where}: required field {f!r} is missing")
-        if not _positive_int(data[f]):
-            raise DoolyError(f"{where}: field {f!r} must be a positive integer, got {data[f]!r}")
-    for f in SHAPE_FIELDS:
-        if data.get(f) is not None and not _positive_int(data[f]):
-            raise DoolyError(f"{where}: field {f!r} must be a positive integer, got {data[f]!r}")
-    heads, kv = data["num_attention_heads"], data.get("num_key_value_heads") or data["num_attention_heads"]
-    if heads % kv:
-        raise DoolyError(f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv})")
-    return ModelConfig(name, model_type, data)
+    cls = _config_class(model_type, where)
+    key = _text_key(cls)
+    text_data = data if key is None else data.get(key)
+    if not isinstance(text_data, dict):
+        raise DoolyError(f"{where}: {model_type} is a composite config and its text model ({key!r}) is missing")
+    _check_raw(text_data, getattr(_text_class(cls, key), "attribute_map", {}), where, max_layers)
+    text = build(model_type, data, where).get_text_config()
+    _check_built(text, f"{where}: {model_type}")
+    return ModelConfig(name, model_type, data, text.num_hidden_layers, key)
 
 
-def load_config(path: str | Path) -> ModelConfig:
+def build(model_type: str, data: dict, where: str):
+    """The transformers config object of `data`; what its class refuses is one DoolyError naming it."""
+    from transformers import AutoConfig
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # its warnings about a bad field would print beside the one error line
+    try:
+        return AutoConfig.for_model(model_type, **{k: v for k, v in data.items() if k != "model_type"})
+    except Exception as e:  # noqa: BLE001 - whatever the class raises is the reason to give
+        raise DoolyError(f"{where}: {model_type}: transformers rejects this config: {first_line(e)}") from None
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def load_config(path: str | Path, max_layers: int = MAX_LAYERS) -> ModelConfig:
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DoolyError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -83,7 +172,13 @@ def load_config(path: str | Path) -> ModelConfig:
     except OSError as e:
         raise DoolyError(f"{path}: cannot read: {e.strerror}") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DoolyError(f"{path}: not UTF-8 text (byte {e.start} is {raw[e.start]:#04x})") from None
+    try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DoolyError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    return parse_config(data, path.stem, str(path))
+    except RecursionError:
+        raise DoolyError(f"{path}: JSON nested too deeply to be a config") from None
+    return parse_config(data, path.stem, str(path), max_layers)

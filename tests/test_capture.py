@@ -126,7 +126,8 @@ def test_moe_experts_run_as_grouped_gemms(name, experts, width):
 
 
 def test_collapse_of_a_full_depth_trace_equals_the_traced_prefix():
-    from dooly.capture.transformers_cb import capture, trace_both
+    from dooly.capture.common import size_fields, text_config
+    from dooly.capture.transformers_cb import capture, full_model, trace_both
     from dooly.config import parse_config
     from dooly.passes.collapse import collapse
     from dooly.passes.taint import taint
@@ -137,8 +138,10 @@ def test_collapse_of_a_full_depth_trace_equals_the_traced_prefix():
     cfg = parse_config(data, "tiny-gemma2", "tiny-gemma2")
     prefix = capture(cfg)
     assert prefix.graph.meta["layer_counts"] == {"0": 3, "1": 3}
-    full = trace_both(cfg, 6, "bf16", {})
-    moved = {f: [(v, trace_both(cfg, 6, "bf16", {**{x: full.values[x] for x in full.specialized}, f: v}).ops)]
+    config = text_config(cfg)
+    fields = size_fields(config, full_model(config)[1])
+    full = trace_both(cfg, 6, "bf16", {}, fields)
+    moved = {f: [(v, trace_both(cfg, 6, "bf16", {**{x: full.values[x] for x in full.specialized}, f: v}, fields).ops)]
              for f, [(v, _)] in prefix.perturbed.items()}
     full_graph = prefix.graph.with_ops(full.ops, layer_counts={})
     a = collapse(taint(prefix.graph, prefix.perturbed))

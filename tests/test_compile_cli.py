@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import ROOT
@@ -37,9 +38,12 @@ def test_json_flag_prints_the_ir(tmp_path):
     assert json.loads(out.stdout)["model"] == "llama-3.2-1b"
 
 
-def _bad(tmp_path, name, text):
+def _bad(tmp_path, name, content):
     path = tmp_path / name
-    path.write_text(text)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
     return path
 
 
@@ -54,7 +58,19 @@ def _llama(**changes):
     ("broken.json", '{"model_type": "llama", ', "invalid JSON at line 1"),
     ("list.json", "[1, 2]", "must hold a JSON object"),
     ("untyped.json", json.dumps(_llama(model_type=None)), "no 'model_type'"),
-    ("unknown.json", json.dumps(_llama(model_type="mamba")), "unsupported architecture 'mamba'"),
+    ("unknown.json", json.dumps(_llama(model_type="not-a-model")), "unknown architecture 'not-a-model'"),
+    ("nonutf8.json", b'{"model_type": "\xff"}', "not UTF-8 text (byte 16 is 0xff)"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("act.json", json.dumps(_llama(hidden_act="nope")), "llama: unknown activation hidden_act='nope'"),
+    ("rope.json", json.dumps(_llama(rope_scaling={"rope_type": "bogus", "factor": 2.0})), "unknown rope_type 'bogus'"),
+    ("dtype.json", json.dumps(_llama(torch_dtype="float77")), "transformers rejects this config"),
+    ("theta.json", json.dumps(_llama(rope_theta="abc")), "'rope_theta' must be a number, got 'abc'"),
+    ("eps.json", json.dumps(_llama(rms_norm_eps="abc")), "field 'rms_norm_eps'"),
+    ("headdim.json", json.dumps(_llama(head_dim=7)), "llama: the engine's step raises: RuntimeError"),
+    ("deep-model.json", json.dumps(_llama(num_hidden_layers=2**40)), "over the limit of 1024 (--max-layers"),
+    ("composite.json", json.dumps({"model_type": "gemma3"}), "its text model ('text_config') is missing"),
+    ("mamba.json", json.dumps({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100,
+                               "num_attention_heads": 4}), "mamba: the engine cannot build this model: ValueError"),
     ("nohidden.json", json.dumps(_llama(hidden_size=None)), "'hidden_size' is missing"),
     ("zero.json", json.dumps(_llama(num_attention_heads=0)), "'num_attention_heads' must be a positive integer"),
     ("negative.json", json.dumps(_llama(vocab_size=-5)), "'vocab_size' must be a positive integer"),
@@ -63,11 +79,13 @@ def _llama(**changes):
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, case, content, message):
     path = tmp_path / case if content is None else _bad(tmp_path, case, content)
+    start = time.perf_counter()
     out = run(path, "--out", tmp_path / "out")
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()
+    assert time.perf_counter() - start < 120  # refused before any unbounded work (2**40 layers)
 
 
 def test_bad_options_exit_2(tmp_path):

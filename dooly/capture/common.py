@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from ..config import SHAPE_FIELDS, ModelConfig
+from ..config import SHAPE_FIELDS, ModelConfig, build
 from ..errors import DoolyError
 from ..ir.graph import Graph, Op
 
@@ -114,20 +115,17 @@ def trace_with_fallback(trace: Callable[[dict[str, int]], Trace]) -> tuple[Trace
     concrete = {f: step.values[f] for f in step.specialized}
     perturbed = {}
     for field, value in concrete.items():
-        moved = trace({**concrete, field: perturbed_value(field, value)})
-        perturbed[field] = [(moved.values[field], moved.ops)]
+        try:
+            moved = trace({**concrete, field: perturbed_value(field, value)})
+        except DoolyError:
+            continue  # the model refuses the field moved: a setting of its code rather than a size, kept a number
+        if [op.name for op in moved.ops] == [op.name for op in step.ops]:  # else it chose the ops: a setting too
+            perturbed[field] = [(moved.values[field], moved.ops)]
     return step, perturbed
 
 
 def hf_config(cfg: ModelConfig, **overrides):
-    from transformers import AutoConfig
-
-    data = {k: v for k, v in cfg.data.items() if k != "model_type"}
-    data.update(overrides)
-    try:
-        config = AutoConfig.for_model(cfg.model_type, **data)
-    except (ValueError, TypeError) as e:
-        raise DoolyError(f"{cfg.name}: transformers rejects this config: {str(e).splitlines()[0]}") from None
+    config = build(cfg.model_type, {**cfg.data, **overrides}, cfg.name)
     if getattr(config, "head_dim", None) is None:
         # The models read `getattr(config, "head_dim", hidden_size // num_attention_heads)`; naming it makes it a
         # field of its own, which the taint pass can recover where rotary embeddings pin it to a number.
@@ -152,3 +150,66 @@ def prefix_config(cfg: ModelConfig, n: int, **overrides):
     """The config cut to its first `n` layers, its per-layer lists too (`layer_types`, Llama-4's `no_rope_layers`)."""
     per_layer = {k: v[:n] for k, v in cfg.data.items() if isinstance(v, list) and len(v) == cfg.num_layers}
     return hf_config(cfg, num_hidden_layers=n, **{**per_layer, **overrides})
+
+
+# Integer fields that are not sizes of the step's tensors: token ids, the depth (cut for tracing), the sliding
+# window (the engine sizes its cache groups by it, outside the traced step).
+NOT_SIZES = re.compile(r"(_token_id|_token_index|_id)$|^num_hidden_layers$|^sliding_window$")
+
+
+def text_config(cfg: ModelConfig, n_layers: int | None = None, /, **overrides):
+    """The config of the text model the engine runs (a composite config's `get_text_config()`), cut to its first
+    `n_layers` decoder layers: every per-layer list is cut with the depth."""
+    full = build(cfg.model_type, cfg.data, cfg.name).get_text_config()
+    if n_layers is None and not overrides:
+        return full
+    data = full.to_dict()
+    stored = getattr(full, "attribute_map", {})
+    if n_layers is not None:
+        depth = full.num_hidden_layers
+        data.update({k: v[:n_layers] for k, v in data.items() if isinstance(v, list) and len(v) == depth})
+        overrides = {"num_hidden_layers": n_layers, **overrides}
+    data.update({stored.get(k, k): v for k, v in overrides.items()})
+    return build(full.model_type, data, cfg.name)
+
+
+@contextlib.contextmanager
+def recorded_reads(config):
+    """The names of the config attributes read while the block runs (a model reading its config as it is built)."""
+    names: set[str] = set()
+    cls = type(config)
+
+    def getattribute(self, name):
+        names.add(name)
+        return cls.__getattribute__(self, name)
+
+    config.__class__ = type(cls.__name__, (cls,), {"__getattribute__": getattribute})
+    try:
+        yield names
+    finally:
+        config.__class__ = cls
+
+
+def size_fields(config, reads: set[str]) -> dict[str, int]:
+    """Every integer field of a text config that its model reads, under its standard name (GPT-2's `n_embd` is
+    `hidden_size`).
+
+    A model that reads `head_dim` with a fallback (`getattr(config, "head_dim", hidden_size // heads)`) gets it as a
+    field of its own, which the taint pass can recover where rotary embeddings pin it to a number.
+    """
+    alias = {stored: name for name, stored in getattr(config, "attribute_map", {}).items()}
+    out = {}
+    for attr, value in vars(config).items():
+        # the common name where the class stores a field under its own (GPT-2's n_embd): one field, one name
+        name = alias[attr] if attr in alias and attr not in SHAPE_FIELDS and alias[attr] in SHAPE_FIELDS else attr
+        read = attr in reads or alias.get(attr) in reads
+        if type(value) is int and not attr.startswith("_") and read and not NOT_SIZES.search(name):
+            out[name] = value
+    if "head_dim" in reads and getattr(config, "head_dim", None) is None:
+        out["head_dim"] = config.hidden_size // config.num_attention_heads
+    return out
+
+
+def set_field(config, name: str, value) -> None:
+    """Set a field under the name the config class stores it as, bypassing its validation (a SymInt value)."""
+    object.__setattr__(config, getattr(config, "attribute_map", {}).get(name, name), value)

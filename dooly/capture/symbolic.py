@@ -6,6 +6,8 @@ the SymInt that torch computed for it, whatever the numbers are.
 
 from __future__ import annotations
 
+import numbers
+
 import sympy
 import torch
 from torch._dynamo.source import ConstantSource
@@ -14,6 +16,10 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._sympy import functions as tsf
 
 from ..ir.expr import render
+
+# `nn.LayerNorm(config.hidden_size)` checks `isinstance(size, numbers.Integral)` before wrapping a size in a tuple;
+# a SymInt is an integer in every other respect.
+numbers.Integral.register(torch.SymInt)
 
 _RULES = {
     tsf.FloorDiv: lambda a, b: sympy.floor(a / b),
@@ -27,6 +33,15 @@ _RULES = {
     tsf.Min: sympy.Min,
     tsf.PowByNatural: sympy.Pow,
 }
+
+
+def _holds_when_moved(guard: sympy.Basic, symbol: sympy.Symbol, value: int) -> bool:
+    """Whether a guard on one field still holds with the field doubled and grown by 64 (how a retrace moves a
+    field): `floor((3*intermediate_size - 1)/intermediate_size) == 2` does, `int(0.5*head_dim) == 32` does not."""
+    try:
+        return all(bool(guard.subs(symbol, v)) for v in (2 * value, value + 64))
+    except TypeError:  # not decidable from numbers: count it as pinning, the retrace settles it
+        return False
 
 
 class _NamedShapeEnv(ShapeEnv):
@@ -54,11 +69,13 @@ class SymbolTable:
         self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
         self.by_symbol: dict[sympy.Symbol, sympy.Expr] = {}  # torch's symbol -> its value in our names
         self.pinned: set[str] = set()  # names torch would not make symbolic
+        self.hints: dict[str, int] = {}
         self._texts: dict[sympy.Expr, str] = {}
 
     def symint(self, name: str, hint: int, even: bool = False) -> torch.SymInt:
         """A SymInt for `name`; `even` builds it as 2*half, so torch can prove `2*((x + 1)//2) == x`."""
         named = sympy.Symbol(name, integer=True, positive=True)
+        self.hints[name] = hint
         if even and hint % 2 == 0:
             half = self._symint(f"{name}/2", hint // 2)
             if not isinstance(half, torch.SymInt):
@@ -88,6 +105,24 @@ class SymbolTable:
             vr = self.shape_env.var_to_range.get(symbol)
             if (value is not None and not value.free_symbols) or (vr is not None and vr.is_singleton()):
                 out |= {s.name for s in named.free_symbols}
+        return out | self._pinned_by_guards()
+
+    def _pinned_by_guards(self) -> set[str]:
+        """Names a guard pins through a function of one of them, e.g. `Eq(TruncToInt(0.5*head_dim), 32)` taken by
+        `int(head_dim * partial_rotary_factor)`: the name stays a symbol, but every dim computed from it is a number.
+        """
+        out = set()
+        for g in self.shape_env.guards:
+            expr = self.shape_env.simplify(g.expr)
+            if not isinstance(expr, sympy.Eq) or expr.has(tsf.Mod, tsf.PythonMod, sympy.Mod):
+                continue
+            sides = [s for s in expr.args if s.free_symbols]
+            constants = [s for s in expr.args if not s.free_symbols]
+            # an integer compared to an integer: a size, not a float such as the softmax scale head_dim**-0.5
+            if len(sides) == 1 and len(constants) == 1 and isinstance(constants[0], sympy.Integer):
+                used = {n for s in sides[0].free_symbols if s in self.by_symbol for n in self.by_symbol[s].free_symbols}
+                if len(used) == 1 and not _holds_when_moved(self._standard(expr), *used, self.hints[str(*used)]):
+                    out |= {n.name for n in used}
         return out
 
     def guards(self, over: set[str], equalities_over: set[str]) -> list[str]:

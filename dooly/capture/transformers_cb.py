@@ -19,9 +19,9 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, first_line
 from ..errors import DoolyError
-from ..ir.expr import render, to_sympy
+from ..ir.expr import names, render, to_sympy
 from ..ir.graph import Graph, Op, map_dims
 from .common import (
     DTYPES,
@@ -29,13 +29,15 @@ from .common import (
     Capture,
     Trace,
     decoder_layers,
-    hf_config,
+    hf_config,  # noqa: F401 - dooly.sim.engine builds the engine's cache sizing from it
     in_parallel,
     layer_counts,
     no_weight_init,
-    prefix_config,
-    shape_values,
+    recorded_reads,
+    set_field,
+    size_fields,
     structure,
+    text_config,
     trace_with_fallback,
 )
 from .lower import lower
@@ -43,24 +45,40 @@ from .recorder import Recorder
 from .symbolic import SymbolTable
 
 ATTENTION = "paged|sdpa"
+FALLBACK_ATTENTION = "paged|eager"  # what the engine runs for a model class that refuses sdpa
 # Engine settings used while tracing: the engine's defaults where they exist (block size 256, 8192 tokens per
 # batch); the cache pool is a fixed size so that cache-reading ops of different models can share signatures.
 BLOCK_SIZE, NUM_BLOCKS, MAX_BATCH_TOKENS = 256, 512, 8192
 HINTS = {"T": 37, "R": 5, "K": 901, "Ks": 263, "q": 11, "k": 397}  # trace-time values; the IR does not use them
 MIX_CONDITIONS = ("K > T", "K == T")  # the engine reads the cache only when some request has past tokens
+ATTENTION_OPS = {"aten.scaled_dot_product_attention", "aten.bmm", "aten.matmul", "aten.mm", "aten.baddbmm"}
+KEY_SYMBOLS = {"K", "Ks"}
 
 
 def model_class(config):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM._model_mapping[type(config)]
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise DoolyError(f"{config.model_type}: transformers has no causal-LM class for it") from None
 
 
-def layer_kinds(config) -> list[tuple]:
-    """The structure of every decoder layer of the full-depth model, built on the meta device."""
-    with torch.device("meta"), no_weight_init():
-        model = model_class(config)(config)
-    return [structure(layer) for layer in decoder_layers(model, config.num_hidden_layers)]
+def full_model(config) -> tuple[nn.Module, set[str]]:
+    """The full-depth model on the meta device, and the config fields it read while being built."""
+    cls = model_class(config)
+    with torch.device("meta"), no_weight_init(), recorded_reads(config) as reads:
+        model = cls(config)
+    return model, reads
+
+
+def attention_of(model: nn.Module) -> str:
+    """The engine's attention for this model: `paged|sdpa`, or `paged|eager` where the class refuses sdpa."""
+    try:
+        model.set_attn_implementation(ATTENTION)
+    except (ValueError, ImportError):
+        return FALLBACK_ATTENTION
+    return ATTENTION
 
 
 def _set_io_sizes(io, cache, T, R, K, Ks):
@@ -79,7 +97,8 @@ def _groups(cache) -> list[list[int]]:
     return [groups[g] for g in sorted(groups)]
 
 
-def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, int], reads_cache: bool) -> Trace:
+def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, int], reads_cache: bool,
+               fields: dict[str, int], attention: str = ATTENTION) -> Trace:
     """Record one step of the engine on a model cut to its first `n_layers` decoder layers."""
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
     from transformers.generation.continuous_batching import cache as cb_cache
@@ -94,11 +113,11 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, 
     from transformers.generation.logits_process import LogitsProcessorList
 
     symbols = SymbolTable()
-    config = prefix_config(cfg, n_layers, **concrete)
-    values = {**shape_values(hf_config(cfg)), **concrete}
+    config = text_config(cfg, n_layers, **concrete)
+    values = {**fields, **concrete}
     for field, value in values.items():
         if field not in concrete:
-            object.__setattr__(config, field, symbols.symint(field, value, even=field in EVEN_FIELDS))
+            set_field(config, field, symbols.symint(field, value, even=field in EVEN_FIELDS))
     T, R, K, Ks, q, k = (symbols.symint(n, HINTS[n]) for n in ("T", "R", "K", "Ks", "q", "k"))
     torch_dtype = DTYPES[dtype]
 
@@ -110,7 +129,7 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, 
             torch.set_default_dtype(torch_dtype)
             model = model_class(config)(config).eval()
             torch.set_default_dtype(saved_dtype)
-            model.set_attn_implementation(ATTENTION)
+            model.set_attn_implementation(attention)
             logits = ContinuousBatchingLogitsProcessorList(LogitsProcessorList())
             cb = resolve_continuous_batching_config(
                 config=config, has_logit_processors=False, workload_hints=None,
@@ -122,8 +141,8 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, 
             runner = ModelRunner(logits, cb, io, cache, do_sample=False, return_logprobs=False)
     except DoolyError:
         raise
-    except Exception as e:
-        raise DoolyError(f"{cfg.name}: the engine cannot build this model: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - the model's or the engine's own reason, as one line
+        raise DoolyError(f"{cfg.name}: {cfg.model_type}: the engine cannot build this model: {first_line(e)}") from None
     finally:
         torch.set_default_dtype(saved_dtype)
         cb_cache.PagedAttentionMemoryHandler.get_available_memory = memory
@@ -142,18 +161,21 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, 
             io.max_kv_read, io.true_read_sizes = 0, [0] * cache.num_groups
 
     set_sizes()
-    with symbols.fake_mode, torch.no_grad(), rec, rec.whole_ops(), rec.module_scopes(model):
-        with rec.scope("engine.reset_static_tensors"):
-            io._reset_static_tensors()
-        set_sizes()  # the reset zeroes the per-batch totals, which the engine then fills in
-        if io.attention_mask is not None:
-            window = getattr(config, "sliding_window", None) or 1
-            for layer_type, mask in io.attention_mask.items():
-                with rec.scope(f"engine.attention_mask.{layer_type}"):
-                    build_attention_mask(mask, [0, q], [0, k], window if layer_type == "sliding_attention" else 1)
-        batch = io.get_model_kwargs()
-        with rec.scope("engine.compute_batch"):
-            runner.compute_batch(model, batch)
+    try:
+        with symbols.fake_mode, torch.no_grad(), rec, rec.whole_ops(), rec.module_scopes(model):
+            with rec.scope("engine.reset_static_tensors"):
+                io._reset_static_tensors()
+            set_sizes()  # the reset zeroes the per-batch totals, which the engine then fills in
+            if io.attention_mask is not None:
+                window = getattr(config, "sliding_window", None) or 1
+                for layer_type, mask in io.attention_mask.items():
+                    with rec.scope(f"engine.attention_mask.{layer_type}"):
+                        build_attention_mask(mask, [0, q], [0, k], window if layer_type == "sliding_attention" else 1)
+            batch = io.get_model_kwargs()
+            with rec.scope("engine.compute_batch"):
+                runner.compute_batch(model, batch)
+    except Exception as e:  # noqa: BLE001 - the model's or the engine's own reason, as one line
+        raise DoolyError(f"{cfg.name}: {cfg.model_type}: the engine's step raises: {first_line(e)}") from None
     ops = [replace(op, per="request") if op.scope.startswith("engine.attention_mask") else op
            for op in lower(rec.graph, symbols)]
     return Trace(ops, values, symbols.guards(set(HINTS), set(values)), symbols.specialized() & set(values))
@@ -189,37 +211,68 @@ def merge_variants(general: list[Op], no_past: list[Op]) -> list[Op]:
     return out
 
 
-def trace_both(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, int]) -> Trace:
+def trace_both(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, int], fields: dict[str, int],
+               attention: str = ATTENTION) -> Trace:
     """The step traced on both of the engine's paths (reading the cache or not), merged into one op list."""
-    general, no_past = in_parallel(lambda: trace_step(cfg, n_layers, dtype, concrete, reads_cache=True),
-                             lambda: trace_step(cfg, n_layers, dtype, concrete, reads_cache=False))
+    general, no_past = in_parallel(
+        lambda: trace_step(cfg, n_layers, dtype, concrete, True, fields, attention),
+        lambda: trace_step(cfg, n_layers, dtype, concrete, False, fields, attention))
     return Trace(merge_variants(general.ops, no_past.ops), general.values,
                  sorted(set(general.guards) | set(no_past.guards)), general.specialized | no_past.specialized)
 
 
 def tp_plan(cfg: ModelConfig) -> dict[str, str]:
     """How transformers splits the model over tensor-parallel ranks: the config's plan and the model class's."""
-    config = hf_config(cfg)
+    config = text_config(cfg)
     return {**(config.base_model_tp_plan or {}), **(getattr(model_class(config), "_tp_plan", None) or {})}
 
 
+def check_serving_step(ops: list[Op], name: str, model_type: str) -> None:
+    """Refuse a step that bypasses the engine's paged interface: the model never writes the KV cache, or runs no
+    attention over its keys."""
+    layer_ops = [op for op in ops if not op.scope.startswith("engine")]
+    if not any(op.name == "aten.index_copy_" for op in layer_ops):
+        raise DoolyError(f"{name}: {model_type}: it never writes the engine's paged KV cache (the model "
+                         f"does not go through transformers' attention interface): the engine cannot serve it")
+    if not any(op.name in ATTENTION_OPS and any(names(d.expr) & KEY_SYMBOLS for t in op.tensors() for d in t.shape)
+               for op in layer_ops):
+        raise DoolyError(f"{name}: {model_type}: it runs no attention over the cached keys: the engine "
+                         f"cannot serve it")
+
+
 def capture(cfg: ModelConfig, dtype: str = "bf16") -> Capture:
+    try:
+        return _capture(cfg, dtype)
+    except DoolyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's or the engine's own reason, as one line
+        raise DoolyError(f"{cfg.name}: {cfg.model_type}: the engine cannot run this model: {first_line(e)}") from None
+
+
+def _capture(cfg: ModelConfig, dtype: str) -> Capture:
     import transformers
 
-    config = hf_config(cfg)
-    kinds = layer_kinds(config)
+    config = text_config(cfg)
+    model, reads = full_model(config)
+    attention = attention_of(model)
+    fields = size_fields(config, reads)
+    kinds = [structure(layer) for layer in decoder_layers(model, config.num_hidden_layers)]
     firsts = sorted({kinds.index(kind) for kind in kinds})
     n = firsts[-1] + 1
     traced = [structure(layer) for layer in _traced_layers(cfg, n)]
     if traced != kinds[:n]:
         raise DoolyError(f"{cfg.name}: a model cut to {n} layers is not the full model's first {n} layers")
     counts = layer_counts(kinds, n)
-    step, perturbed = trace_with_fallback(lambda concrete: trace_both(cfg, n, dtype, concrete))
+    step, perturbed = trace_with_fallback(lambda concrete: trace_both(cfg, n, dtype, concrete, fields, attention))
+    check_serving_step(step.ops, cfg.name, cfg.model_type)
+    used = set(perturbed) | {n for op in step.ops for t in op.tensors() for d in t.dims() for n in names(d.expr)} | {
+        n for op in step.ops for text in _sym_attrs(op.attrs) for n in names(text)}
     meta = {
-        "architecture": (cfg.data.get("architectures") or [type(config).__name__])[0],
+        "architecture": (cfg.data.get("architectures") or [type(model).__name__])[0],
         "model_type": cfg.model_type, "frontend": "transformers", "engine": "transformers-cb",
-        "engine_version": transformers.__version__, "attention": ATTENTION, "dtype": dtype, "tp": 1,
-        "config": step.values, "concrete_fields": sorted(perturbed), "request_symbols": sorted(HINTS),
+        "engine_version": transformers.__version__, "attention": attention, "dtype": dtype, "tp": 1,
+        "config": {f: v for f, v in step.values.items() if f in used}, "concrete_fields": sorted(perturbed),
+        "request_symbols": sorted(HINTS),
         "layers": cfg.num_layers, "layer_counts": {str(i): c for i, c in counts.items()},
         # the engine reads through a window for the layers it groups as sliding (whatever the module says)
         "sliding_window": config.sliding_window if any(
@@ -231,9 +284,21 @@ def capture(cfg: ModelConfig, dtype: str = "bf16") -> Capture:
     return Capture(Graph(cfg.name, meta, step.ops), perturbed)
 
 
+def _sym_attrs(value):
+    """The dim expressions inside an op's attributes (`{"sym": "head_dim*num_key_value_heads"}`)."""
+    if isinstance(value, dict):
+        if set(value) == {"sym"}:
+            yield value["sym"]
+        else:
+            for v in value.values():
+                yield from _sym_attrs(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _sym_attrs(v)
+
+
 def _traced_layers(cfg: ModelConfig, n: int) -> nn.ModuleList:
-    config = prefix_config(cfg, n)
+    config = text_config(cfg, n)
     with torch.device("meta"), no_weight_init():
         model = model_class(config)(config)
     return decoder_layers(model, n)
-

@@ -14,12 +14,13 @@ from dataclasses import replace
 
 from ..ir.graph import Graph, Op
 
-LAYER = re.compile(r"(^|\.)layers\.(\d+)(?=\.|$)")
+# the decoder layers' ModuleList, whatever the model calls it (GPT-2's `transformer.h.3`)
+LAYER = re.compile(r"(^|\.)(layers|h|blocks|block|layer)\.(\d+)(?=\.|$)")
 
 
 def layer_of(op: Op) -> int | None:
     m = LAYER.search(op.scope)
-    return None if m is None else int(m.group(2))
+    return None if m is None else int(m.group(3))
 
 
 def _layer_key(ops: list[Op], start: int) -> tuple:
@@ -34,7 +35,7 @@ def _layer_key(ops: list[Op], start: int) -> tuple:
         src = t.src - start if t.src is not None and start <= t.src < end else None
         return (t.dtype, t.shape, t.strides, src)
 
-    return tuple((op.name, LAYER.sub(r"\1layers.*", op.scope), json.dumps(op.attrs, sort_keys=True),
+    return tuple((op.name, LAYER.sub(r"\1\2.*", op.scope), json.dumps(op.attrs, sort_keys=True),
                   tuple(map(tensor, op.inputs)), tuple(map(tensor, op.outputs)), op.per, op.when) for op in ops)
 
 
@@ -67,7 +68,7 @@ def collapse(graph: Graph) -> Graph:
             continue  # ops of a dropped layer map onto the same position of its representative
         new_index[i] = len(out)
         if layer is not None:
-            op = replace(op, scope=LAYER.sub(r"\1layers.*", op.scope), count=op.count * keep[layer])
+            op = replace(op, scope=LAYER.sub(r"\1\2.*", op.scope), count=op.count * keep[layer])
         out.append(op)
     for layer, rep in same_as.items():
         for offset, i in enumerate(runs[layer]):

@@ -30,6 +30,10 @@ def _solve(base: str, moved: list[tuple[int, str]], field: str, value: int) -> s
     return render(sympy.expand(e0 + slopes.pop() * (f - value)))
 
 
+def _same(moved: str, base: str, others: dict) -> bool:
+    return moved == base or sympy.simplify(to_sympy(moved) - to_sympy(base).subs(others)) == 0
+
+
 def attribute(graph: Graph, perturbed: dict[str, list[tuple[int, list[Op]]]]) -> Graph:
     """Graph whose dims are written in terms of the perturbed fields too.
 
@@ -38,6 +42,8 @@ def attribute(graph: Graph, perturbed: dict[str, list[tuple[int, list[Op]]]]) ->
     ops = list(graph.ops)
     for field, runs in perturbed.items():
         base_value = graph.config_values[field]
+        # each moved trace holds the other perturbed fields at their values: a dim written with them is unmoved
+        others = {to_sympy(f): graph.config_values[f] for f in perturbed if f != field}
         for value, other in runs:
             if [o.name for o in other] != [o.name for o in ops]:
                 raise AttributionError(f"tracing with {field}={value} ran other ops: cannot align the two steps")
@@ -45,7 +51,8 @@ def attribute(graph: Graph, perturbed: dict[str, list[tuple[int, list[Op]]]]) ->
         for i, op in enumerate(ops):
             flat = [d.expr for t in op.tensors() for d in t.dims()]
             moved = [[d.expr for t in other[i].tensors() for d in t.dims()] for _, other in runs]
-            exprs = iter([e if all(m[j] == e for m in moved) else
+            # a dim already written with the field is right as it is (the trace pinned the field in other dims only)
+            exprs = iter([e if field in names(e) or all(_same(m[j], e, others) for m in moved) else
                           _solve(e, [(v, m[j]) for (v, _), m in zip(runs, moved)], field, base_value)
                           for j, e in enumerate(flat)])
             solved.append(map_dims(op, lambda d: replace(d, expr=next(exprs))))
