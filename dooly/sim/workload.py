@@ -84,8 +84,10 @@ def synthetic(spec: str, seed: int = 0, limits: Limits | None = None) -> list[Re
         n = int(fields.get("n", "100"))
     except ValueError:
         raise DoolyError(f"malformed workload {spec[:80]!r}: rate and n must be numbers") from None
-    if not rate > 0 or n < 1:  # not `rate <= 0`: a NaN rate is refused too
-        raise DoolyError("rate must be positive (inf: all at once) and n a positive integer")
+    if not rate > 0:  # not `rate <= 0`: a NaN rate is refused too
+        raise DoolyError(f"rate must be a positive number of requests a second (inf: all at once), got {rate}")
+    if n < 1:
+        raise DoolyError(f"n must be a positive number of requests, got {n}")
     limits.check("requests", n, f"workload {spec[:80]!r}: requests")
     prompt = _lengths(fields.get("prompt", "512"), "prompt", limits)
     output = _lengths(fields.get("output", "128"), "output", limits)
