@@ -105,6 +105,16 @@ def parse_json(text: str, where: str):
         raise DoolyError(f"{where} is not JSON") from None
 
 
+def output_file(path: Path, flag: str) -> Path:
+    """A file a command writes, such as a store it creates when missing: not a folder, and in a folder that exists."""
+    if path.is_dir():
+        raise DoolyError(f"{flag} {path}: a folder, not a file")
+    parent = path.absolute().parent
+    if not path.exists() and not parent.is_dir():
+        raise DoolyError(f"{flag} {path}: its parent folder {parent} does not exist")
+    return path
+
+
 def output_folder(path: Path, flag: str) -> Path:
     """A folder a command will write into: it may not exist yet, but its parent must."""
     if path.exists():
