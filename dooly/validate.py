@@ -127,7 +127,7 @@ def read_groundtruth(path: Path, limits: Limits) -> dict:
 
     need(isinstance(truth, dict), "expected a JSON object")
     models = {p.stem for p in (ROOT / "golden").glob("*.ir")}
-    need(truth.get("model") in models, "model must name a model of golden/")
+    need(isinstance(truth.get("model"), str) and truth["model"] in models, "model must name a model of golden/")
     need(isinstance(truth.get("backend"), str), "backend must be a string")
     need(truth.get("layers") is None or _count(truth["layers"]), "layers must be a positive integer")
     cb = truth.get("cb_config")
