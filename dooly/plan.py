@@ -22,6 +22,7 @@ from .bench.sweep import axis_limit, initial_points
 from .compile import load_model
 from .errors import command
 from .ir import Graph
+from .limits import output_file
 from .passes.canonicalize import Signature, uses
 from .passes.dedup import dedup
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .store import Store
 
+    output_file(args.store, "--store")
     graphs = [load_model(p) for p in args.config]
     store = Store(args.store, readonly=args.store.exists())
     if args.env:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .bench.sweep import ATTENTION_WORK
 from .errors import DoolyError, command
+from .limits import output_file, output_folder
 
 # backend name -> (the environment's attention_backend, the SDPA kernel it forces (None: torch chooses), the T*K
 # bound of attention sweeps). On the H100 with torch 2.11, torch picks cuDNN for the engine's masked call; flash
@@ -172,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     if args.backend not in BACKENDS:
         raise DoolyError(f"unknown attention backend {args.backend!r} (choose from {', '.join(BACKENDS)})")
+    if not args.budget_s > 0:  # NaN is refused too
+        raise DoolyError(f"--budget-s must be a positive number of seconds (inf: no budget), got {args.budget_s}")
+    output_file(args.store, "--store")
+    bench = output_folder(args.out, "--out") if args.out else args.store.parent / "bench"
+    from .compile import load_model
+
+    graphs = [load_model(path) for path in args.config]  # bad input is refused before looking for a GPU
     import torch
 
     if not torch.cuda.is_available():
@@ -187,7 +195,6 @@ def run(args) -> int:
     )
 
     from .bench.sweep import initial_points
-    from .compile import load_model
     from .passes import codegen
     from .plan import signature_uses, sweep_limits
     from .store import Store
@@ -196,19 +203,19 @@ def run(args) -> int:
     store = Store(args.store)
     env = store.add_environment(detect_environment(args.backend))
     console = Console()
-    used = signature_uses([load_model(path) for path in args.config], env.attention_backend)
+    used = signature_uses(graphs, env.attention_backend)
     signatures = {h: sig for h, (sig, _) in used.items()}
     done = store.measured(env.name)
     collectives = [s for h, s in signatures.items() if h not in done and s.family == "collective"]
     if collectives:  # they run in several processes, one a GPU: not from this single process
-        written = codegen.write(collectives, args.out or args.store.parent / "bench")
+        written = codegen.write(collectives, bench)
         console.print(f"[yellow]skipping {len(collectives)} collective signature(s): they need one process a GPU on "
                       f"a machine with several, which dooly profile does not drive yet; their benchmarks run under "
                       f"torchrun: {', '.join(map(str, written.values()))}[/yellow]")
     todo = [s for h, s in signatures.items() if h not in done and s.family != "collective"]
     for sig in todo:
         store.add_signature(sig)
-    paths = codegen.write(todo, args.out or args.store.parent / "bench")
+    paths = codegen.write(todo, bench)
     limits = {s.hash: sweep_limits(s, used[s.hash][1]) for s in todo}
     total = sum(len(initial_points(s.axes, limits[s.hash], BACKENDS[args.backend][2]))
                 * (len(ROUTINGS) if s.family == "moe" else 1) for s in todo)

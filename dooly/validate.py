@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DoolyError, command
+from .limits import Limits, add_limit_argument, output_folder, parse_json, parse_limits, read_text
 
 MIN_REPEATS = 3
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +99,78 @@ def request_truth(trace: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     return np.nanmedian(ttft, 0), np.nanmedian(tpot, 0), spread(ttft), spread(tpot)
 
 
-def validate_model(truth: dict, store, log=print) -> Row:
+LIMITS = ("tokens-per-step", "requests-per-step", "context-tokens", "requests", "prompt-tokens", "output-tokens",
+          "workload-tokens", "steps")
+CB_FIELDS = ("num_blocks", "block_size", "max_batch_tokens", "max_requests_per_batch", "q_padding_interval_size",
+             "kv_padding_interval_size")
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _seconds(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_groundtruth(path: Path, limits: Limits) -> dict:
+    """A ground-truth file with everything `validate_model` reads checked: its structure, every step composition as
+    `Batches.of` checks user batches, every request as a trace's, all within `limits`."""
+    from .predict import Batches
+    from .sim.workload import request
+
+    truth = parse_json(read_text(path, "ground truth"), str(path))
+
+    def need(ok, what: str) -> None:
+        if not ok:
+            raise DoolyError(f"{path}: not a ground-truth file: {what}")
+
+    need(isinstance(truth, dict), "expected a JSON object")
+    models = {p.stem for p in (ROOT / "golden").glob("*.ir")}
+    need(isinstance(truth.get("model"), str) and truth["model"] in models, "model must name a model of golden/")
+    need(isinstance(truth.get("backend"), str), "backend must be a string")
+    need(truth.get("layers") is None or _count(truth["layers"]), "layers must be a positive integer")
+    cb = truth.get("cb_config")
+    need(isinstance(cb, dict) and all(_count(cb.get(k)) for k in CB_FIELDS),
+         f"cb_config must hold positive integers {', '.join(CB_FIELDS)}")
+    need(cb.get("safety_margin") is None or (_seconds(cb["safety_margin"]) and 0 <= cb["safety_margin"] < 1),
+         "cb_config.safety_margin must be a number from 0 to 1")
+    limits.check("tokens-per-step", cb["max_batch_tokens"], f"{path}: cb_config.max_batch_tokens")
+    limits.check("requests-per-step", cb["max_requests_per_batch"], f"{path}: cb_config.max_requests_per_batch")
+    need(isinstance(truth.get("traces"), dict) and truth["traces"], "traces must be a non-empty object")
+    for name, trace in truth["traces"].items():
+        where = f"{path}: trace {name[:40]!r}"
+        need(isinstance(trace, dict) and isinstance(trace.get("requests"), list) and trace["requests"]
+             and isinstance(trace.get("runs"), list) and trace["runs"], f"trace {name[:40]!r} needs requests and runs")
+        limits.check("requests", len(trace["requests"]), f"{where}: requests")
+        for i, row in enumerate(trace["requests"]):
+            need(isinstance(row, list) and len(row) == 3 and _seconds(row[0]),
+                 f"trace {name[:40]!r}: a request is [arrival, prompt, output]")
+            request(i, row[0], row[1], row[2], limits, f"{where}: request {i}")
+        limits.check("workload-tokens", sum(p + o for _, p, o in trace["requests"]), f"{where}: prompt plus output "
+                     "tokens")
+        for run in trace["runs"]:
+            need(isinstance(run, dict) and isinstance(run.get("steps"), list) and isinstance(run.get("requests"), list),
+                 f"trace {name[:40]!r}: a run holds steps and requests")
+            for step in run["steps"]:
+                need(isinstance(step, dict) and isinstance(step.get("queries"), list)
+                     and isinstance(step.get("keys"), list) and len(step["queries"]) == len(step["keys"])
+                     and _seconds(step.get("forward_s")) and step["forward_s"] > 0,
+                     f"trace {name[:40]!r}: a step holds queries, keys (as many) and a positive forward_s")
+            try:
+                Batches.of([list(zip(step["queries"], step["keys"])) for step in run["steps"]], limits)
+            except DoolyError as e:
+                raise DoolyError(f"{where}, a run's steps: {e}") from None
+            for r in run["requests"]:
+                need(isinstance(r, dict) and isinstance(r.get("request_id"), str) and _seconds(r.get("arrival"))
+                     and isinstance(r.get("token_times"), list) and all(_seconds(t) for t in r["token_times"])
+                     and (not r["token_times"] or _seconds(r.get("first_token"))),
+                     f"trace {name[:40]!r}: a run's request holds request_id, arrival, token_times and (with tokens) "
+                     "first_token")
+    return truth
+
+
+def validate_model(truth: dict, store, log=print, max_steps: int = Limits()["steps"]) -> Row:
     from .compile import load_model
     from .predict import environment_name, load_predictor
     from .sim import ContinuousBatching, Knobs, Request, StepTime, simulate
@@ -127,7 +200,7 @@ def validate_model(truth: dict, store, log=print) -> Row:
         reqs = [Request(i, a, p, o) for i, (a, p, o) in enumerate(sorted(map(tuple, trace["requests"])))]
         scheduler = ContinuousBatching(cb["num_blocks"], cb["block_size"], cb["max_batch_tokens"],
                                        cb["max_requests_per_batch"], cb.get("safety_margin") or 0.15)
-        out = simulate(reqs, scheduler, runs()).requests
+        out = simulate(reqs, scheduler, runs(), max_steps).requests
         p_ttft = np.array([r["ttft"] for r in out])
         p_tpot = np.array([r["tpot"] if r["tpot"] is not None else np.nan for r in out], dtype=float)
         ok = ~np.isnan(m_ttft)
@@ -184,17 +257,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groundtruth", type=Path, required=True, help="folder of <backend>/<model>.json files")
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--plots", type=Path, default=Path("out/validate"), help="where the parity plots go")
+    parser.add_argument("--plots", type=Path, help="where the parity plots go (default: out/validate)")
+    add_limit_argument(parser, LIMITS)
     args = parser.parse_args(argv)
+    limits = parse_limits(args.limit, LIMITS)
+    plots_folder = output_folder(args.plots, "--plots") if args.plots else Path("out/validate")
     from .store import Store
 
     files = sorted(args.groundtruth.glob("*/*.json"))
     if not files:
         raise DoolyError(f"{args.groundtruth}: no ground-truth files (<backend>/<model>.json)")
+    truths = [read_groundtruth(f, limits) for f in files]
     store = Store(args.store, readonly=True)
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
-    rows = [validate_model(json.loads(f.read_text()), store, log) for f in files]
-    plots = parity_plots(rows, args.plots)
+    rows = [validate_model(truth, store, log, limits["steps"]) for truth in truths]
+    plots = parity_plots(rows, plots_folder)
     if args.json:
         print(json.dumps({"rows": [r.to_json() for r in rows]}, indent=1))
         return 0

@@ -22,42 +22,49 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DoolyError, command
+from ..limits import Limits, add_limit_argument, parse_json, parse_limits, read_lines
 
-_GROUP = re.compile(r"(?:prefill:(\d+)x(\d+)(?:\+(\d+))?|decode:(\d+)@(\d+))")
+_GROUP = re.compile(r"prefill:([0-9]+)x([0-9]+)(?:\+([0-9]+))?|decode:([0-9]+)@([0-9]+)")
+LIMITS = ("tokens-per-step", "requests-per-step", "context-tokens", "requests")
 
 
-def parse_batch(spec: str) -> list[tuple[int, int]]:
-    """`prefill:512x4,decode:128@2048` -> [(query tokens, keys)] per request."""
-    batch: list[tuple[int, int]] = []
+def parse_batch(spec: str, limits: Limits | None = None) -> list[tuple[int, int]]:
+    """`prefill:512x4,decode:128@2048` -> [(query tokens, keys)] per request, checked against `limits` before the
+    groups are expanded."""
+    limits = limits or Limits()
+    groups = []  # (query tokens, keys, requests)
     for part in spec.replace(" ", "").split(","):
         m = _GROUP.fullmatch(part)
         if not m:
             raise DoolyError(f"bad batch group {part!r}: expected prefill:QxN, prefill:QxN+PAST or decode:N@CONTEXT")
-        q, n, past, decodes, context = (int(x) if x else None for x in m.groups())
-        if q is not None:
-            batch += [(q, q + (past or 0))] * n
-        else:
-            batch += [(1, context)] * decodes
+        try:
+            q, n, past, decodes, context = (int(x) if x else None for x in m.groups())
+        except ValueError:  # more digits than Python converts
+            raise DoolyError(f"bad batch group {part[:40]!r}...: a number too long to read") from None
+        groups.append((q, q + (past or 0), n) if q is not None else (1, context, decodes))
+    where = f"batch {spec[:80]!r}"
+    limits.check("requests-per-step", sum(n for _, _, n in groups), f"{where}: requests in one step")
+    limits.check("tokens-per-step", sum(q * n for q, _, n in groups), f"{where}: new tokens in one step")
+    limits.check("context-tokens", max(keys for _, keys, _ in groups), f"{where}: keys of one request")
+    batch = [(q, keys) for q, keys, n in groups for _ in range(n)]
     if not batch or any(q < 1 for q, _ in batch):
-        raise DoolyError(f"batch {spec!r} has no requests, or a request with no new token")
+        raise DoolyError(f"batch {spec[:80]!r} has no requests, or a request with no new token")
     return batch
 
 
-def read_batches(path: Path) -> list[list[tuple[int, int]]]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise DoolyError(f"{path}: cannot read ({e.strerror})") from None
-    batches = []
-    for n, line in enumerate(lines, 1):
+def read_batches(path: Path, limits: Limits | None = None) -> list[list[tuple]]:
+    """The batch file's batches, read a line at a time and refused once their requests pass the `requests` limit;
+    `Batches.of` checks each request."""
+    limits = limits or Limits()
+    batches, requests = [], 0
+    for n, line in read_lines(path, "batch file"):
         if not line.strip():
             continue
-        try:
-            rows = json.loads(line)
-        except json.JSONDecodeError:
-            raise DoolyError(f"{path}: line {n} is not JSON") from None
+        rows = parse_json(line, f"{path}: line {n}")
         if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
             raise DoolyError(f"{path}: line {n}: expected a list of [query_tokens, kv_tokens] pairs")
+        requests += len(rows)
+        limits.check("requests", requests, f"{path}: requests up to line {n}")
         batches.append([tuple(r) for r in rows])
     if not batches:
         raise DoolyError(f"{path}: no batches")
@@ -136,13 +143,17 @@ def predict_main(argv: list[str] | None = None) -> int:
     what.add_argument("--batch-file", type=Path, help="JSON lines, each a list of [query_tokens, kv_tokens]")
     parser.add_argument("--top", type=int, default=12, help="ops to show per step")
     parser.add_argument("--json", action="store_true", help="one JSON object per batch, a line each")
+    add_limit_argument(parser, LIMITS)
     args = parser.parse_args(argv)
+    limits = parse_limits(args.limit, LIMITS)
+    if args.top < 0:
+        raise DoolyError("--top must be 0 or more")
     from ..compile import load_model
     from ..store import Store
     from .step import Batches, environment_name, load_predictor
 
-    batches = [parse_batch(args.batch)] if args.batch else read_batches(args.batch_file)
-    b = Batches.of(batches)
+    batches = [parse_batch(args.batch, limits)] if args.batch is not None else read_batches(args.batch_file, limits)
+    b = Batches.of(batches, limits)
     graph = load_model(args.config)
     store = Store(args.store, readonly=True)
     env = environment_name(store, args.backend)

@@ -23,9 +23,15 @@ import numpy as np
 from ..errors import DoolyError
 from ..ir.expr import evaluator, names
 from ..ir.graph import Graph
+from ..limits import Limits
 from ..passes.canonicalize import Signature, uses
 from .host import HostModel, KernelCount, attention_keys
 from .opmodel import Extrapolation, OpModel
+
+
+def _shown(pair) -> str:
+    text = repr(pair)
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 @dataclass
@@ -38,20 +44,26 @@ class Batches:
     n: int
 
     @staticmethod
-    def of(batches: list[list[tuple[int, int]]]) -> Batches:
+    def of(batches: list[list[tuple[int, int]]], limits: Limits | None = None) -> Batches:
+        """Batches of user input, each request checked, each step within `limits`."""
+        limits = limits or Limits()
         q, k, b = [], [], []
         for i, requests in enumerate(batches):
             if not requests:
                 raise DoolyError(f"batch {i} has no requests")
+            limits.check("requests-per-step", len(requests), f"batch {i}: requests in one step")
             for pair in requests:
                 if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
-                    raise DoolyError(f"batch {i}: a request must be [query_tokens, kv_tokens] integers, got {pair!r}")
+                    raise DoolyError(f"batch {i}: a request must be [query_tokens, kv_tokens] integers, got "
+                                     f"{_shown(pair)}")
                 query, keys = pair
                 if query < 1 or keys < query:
-                    raise DoolyError(f"batch {i}: need 1 <= query_tokens <= kv_tokens, got {pair!r}")
+                    raise DoolyError(f"batch {i}: need 1 <= query_tokens <= kv_tokens, got {_shown(pair)}")
+                limits.check("context-tokens", keys, f"batch {i}: keys of one request")
                 q.append(query)
                 k.append(keys)
                 b.append(i)
+            limits.check("tokens-per-step", sum(q[len(q) - len(requests):]), f"batch {i}: new tokens in one step")
         return Batches(np.array(q, np.int64), np.array(k, np.int64), np.array(b, np.int64), len(batches))
 
     def sums(self, values: np.ndarray) -> np.ndarray:

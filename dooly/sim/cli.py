@@ -12,12 +12,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from ..errors import DoolyError, command
+from ..limits import add_limit_argument, output_folder, parse_limits
 from . import workload
+
+LIMITS = (*workload.LIMITS, "tokens-per-step", "requests-per-step", "steps")
+
+
+def warn_beyond_context(requests: list, cfg) -> None:
+    """One warning line for the requests whose prompt and output run past the model's context: the engine serves
+    them, a model was not trained for them."""
+    context = cfg.data.get("max_position_embeddings")
+    if not isinstance(context, int) or isinstance(context, bool):
+        return
+    beyond = [r.prompt + r.output for r in requests if r.prompt + r.output > context]
+    if beyond:
+        print(f"warning: {len(beyond)} of {len(requests)} requests run past the model's context "
+              f"(max_position_embeddings {context}; prompt + output up to {max(beyond)} tokens): simulated as the "
+              f"engine would serve them", file=sys.stderr)
 
 
 def plots(outcome, out: Path, title: str) -> list[Path]:
@@ -83,10 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--async-batching", action="store_true", help="the engine's use_async_batching")
     parser.add_argument("--out", type=Path, help="where results go (default: out/simulate/<model>)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_limit_argument(parser, LIMITS)
     args = parser.parse_args(argv)
+    limits = parse_limits(args.limit, LIMITS)
     for name in ("num_blocks", "block_size", "max_batch_tokens", "max_requests", "gpu_memory_gib"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise DoolyError(f"--{name.replace('_', '-')} must be positive")
+        value = getattr(args, name)
+        if value is not None and not (0 < value < math.inf):  # NaN fails both
+            raise DoolyError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    limits.check("tokens-per-step", args.max_batch_tokens, "--max-batch-tokens")
+    if args.max_requests is not None:
+        limits.check("requests-per-step", args.max_requests, "--max-requests")
+    out = output_folder(args.out, "--out") if args.out else None
 
     from ..compile import load_model
     from ..config import load_config
@@ -104,18 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     from .engine import H100_BYTES, cache_size
 
-    requests = load_trace(args.trace) if args.trace else synthetic(args.synthetic, args.seed)
+    requests = load_trace(args.trace, limits) if args.trace else synthetic(args.synthetic, args.seed, limits)
     graph = load_model(args.config)
+    cfg = None if args.config.suffix == ".ir" or args.config.name == "model.json" else load_config(args.config)
+    if cfg is not None:
+        warn_beyond_context(requests, cfg)
     store = Store(args.store, readonly=True)
     env = environment_name(store, args.backend)
     predictor = load_predictor(graph, store, env)
     block = args.block_size or (256 if args.scheduler == "cb" else 16)
     blocks = args.num_blocks
     if blocks is None:
-        if args.config.suffix == ".ir" or args.config.name == "model.json":
+        if cfg is None:
             raise DoolyError("simulating a compiled IR needs --num-blocks (the cache size comes from the config)")
         gpu = int(args.gpu_memory_gib * 2**30) if args.gpu_memory_gib else H100_BYTES
-        blocks = cache_size(load_config(args.config), gpu, 256, args.max_batch_tokens).num_blocks * 256 // block
+        blocks = cache_size(cfg, gpu, 256, args.max_batch_tokens).num_blocks * 256 // block
     if args.scheduler == "cb":
         limit = min(args.max_requests or 1024, args.max_batch_tokens, blocks)
         scheduler = ContinuousBatching(blocks, block, args.max_batch_tokens, limit)
@@ -125,17 +152,17 @@ def main(argv: list[str] | None = None) -> int:
                   use_async_batching=args.async_batching)
     started = time.perf_counter()
     if args.json:
-        outcome = simulate(requests, scheduler, StepTime(predictor, knobs))
+        outcome = simulate(requests, scheduler, StepTime(predictor, knobs), limits["steps"])
     else:
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
             task = bar.add_task(f"simulating {len(requests)} requests", total=len(requests))
-            outcome = simulate(requests, scheduler, StepTime(predictor, knobs),
+            outcome = simulate(requests, scheduler, StepTime(predictor, knobs), limits["steps"],
                                progress=lambda done: bar.update(task, completed=done))
     seconds = time.perf_counter() - started
     result = summary(outcome)
-    out = args.out or Path("out/simulate") / graph.model
+    out = out or Path("out/simulate") / graph.model
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "requests.jsonl", "w") as f:
         for r in outcome.requests:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import DoolyError
+from ..limits import LIMITS
 from ..predict.step import Predictor, Step
 from .schedulers import Scheduled
 from .workload import Request
@@ -83,10 +84,11 @@ class Outcome:
     steps: list[dict] = field(default_factory=list)  # time, batch size, tokens
 
 
-def simulate(requests: list[Request], scheduler, step_time, max_steps: int = 10_000_000,
+def simulate(requests: list[Request], scheduler, step_time, max_steps: int = LIMITS["steps"].default,
              progress=None) -> Outcome:
     """Serve `requests` with `scheduler`; `step_time(batch)` gives each step's seconds; `progress(finished)` is
-    told every few hundred steps how many requests have finished."""
+    told every few hundred steps how many requests have finished. A run is stopped after `max_steps` steps (the
+    steps limit), so that its record of steps stays bounded."""
     pending = sorted(requests, key=lambda r: (r.arrival, r.id))
     now, i, states, steps, finished = 0.0, 0, {}, [], 0
     for n in range(max_steps):
@@ -121,7 +123,8 @@ def simulate(requests: list[Request], scheduler, step_time, max_steps: int = 10_
                     scheduler.finish(state)
                     finished += 1
     else:
-        raise DoolyError(f"the workload did not finish within {max_steps} steps")
+        raise DoolyError(f"the workload did not finish within {max_steps:,} steps, the steps limit (raise it with "
+                         f"--limit steps=N)")
     rows = []
     for r in requests:
         s = states[r.id]
