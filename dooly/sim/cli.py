@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cb: transformers continuous batching (default); vllm: vLLM v1's chunked prefill")
     parser.add_argument("--num-blocks", type=int, help="KV cache blocks (default: what the engine would allocate)")
     parser.add_argument("--block-size", type=int, help="tokens a block (default: 256 cb, 16 vllm)")
-    parser.add_argument("--max-batch-tokens", type=int, default=8192)
-    parser.add_argument("--max-requests", type=int, help="requests a step (default: 1024 cb, 256 vllm)")
+    parser.add_argument("--max-batch-tokens", type=int, help="tokens a step (default: 8192 cb, 16384 vllm)")
+    parser.add_argument("--max-requests", type=int, help="requests a step (default: 1024 for both)")
     parser.add_argument("--gpu-memory-gib", type=float, help="GPU memory the engine sizes its cache from "
                         "(default: the H100's 79.6)")
     parser.add_argument("--cuda-graphs", action="store_true", help="the engine's use_cuda_graph")
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     add_limit_argument(parser, LIMITS)
     args = parser.parse_args(argv)
     limits = parse_limits(args.limit, LIMITS)
+    if args.max_batch_tokens is None:  # each engine's own default
+        args.max_batch_tokens = 8192 if args.scheduler == "cb" else 16384
     for name in ("num_blocks", "block_size", "max_batch_tokens", "max_requests", "gpu_memory_gib"):
         value = getattr(args, name)
         if value is not None and not (0 < value < math.inf):  # NaN fails both
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         summary,
         synthetic,
     )
-    from .engine import H100_BYTES, cache_size
+    from .engine import H100_BYTES, cache_size, weight_bytes
+    from .vllm_cache import num_gpu_blocks
 
     requests = load_trace(args.trace, limits) if args.trace else synthetic(args.synthetic, args.seed, limits)
     graph = load_model(args.config)
@@ -142,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         if cfg is None:
             raise DoolyError("simulating a compiled IR needs --num-blocks (the cache size comes from the config)")
         gpu = int(args.gpu_memory_gib * 2**30) if args.gpu_memory_gib else H100_BYTES
-        blocks = cache_size(cfg, gpu, 256, args.max_batch_tokens).num_blocks * 256 // block
+        blocks = (num_gpu_blocks(cfg, gpu, weight_bytes(cfg)) if args.scheduler == "vllm"
+                  else cache_size(cfg, gpu, 256, args.max_batch_tokens).num_blocks * 256 // block)
     if args.scheduler == "cb":
         limit = min(args.max_requests or 1024, args.max_batch_tokens, blocks)
         scheduler = ContinuousBatching(blocks, block, args.max_batch_tokens, limit)
     else:
-        scheduler = VLLMv1(blocks, block, args.max_batch_tokens, args.max_requests or 256)
+        scheduler = VLLMv1(blocks, block, args.max_batch_tokens, args.max_requests or 1024)
     knobs = Knobs(use_cuda_graph=args.cuda_graphs, max_batch_tokens=args.max_batch_tokens,
                   use_async_batching=args.async_batching)
     started = time.perf_counter()
