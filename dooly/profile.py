@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="stop after this many seconds")
     parser.add_argument("--out", type=Path, help="folder for the generated microbenchmarks (default: next to "
                                                    "the store)")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="one Ray task per GPU per signature group, on a new local Ray instance or the cluster "
+                             "at ADDRESS (the ray extra)")
     args = parser.parse_args(argv)
     return run(args)
 
@@ -172,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     if args.backend not in BACKENDS:
         raise DoolyError(f"unknown attention backend {args.backend!r} (choose from {', '.join(BACKENDS)})")
+    if getattr(args, "ray", None) is not None:
+        from .ray_backend import profile_command
+
+        return profile_command(args)
     import torch
 
     if not torch.cuda.is_available():
