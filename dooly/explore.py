@@ -149,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1 or (args.gpu_memory_gib is not None and args.gpu_memory_gib <= 0):
         raise DoolyError("--workers and --gpu-memory-gib must be positive")
     grid = search.parse_grid(";".join(args.grid or []))
-    latency = search.parse_slo(f"{args.latency}=1ms")[0] if args.latency else None
+    latency = None
+    if args.latency:
+        metric, _, statistic = args.latency.partition("_")
+        if metric not in search.METRICS or statistic not in search.STATISTICS:
+            raise DoolyError(f"--latency {args.latency}: expected METRIC_STAT, e.g. tpot_p90")
+        latency = search.Objective(metric, statistic, float("inf"))
     if args.ray is not None:
         from .ray_backend import connect
 

@@ -132,6 +132,7 @@ def test_explore_prints_the_front_as_a_table(shipped, tmp_path):
     (["--slo", SLO, "--grid", "backend=sdpa-flash"], "grid: backend sdpa-flash is in none of the stores"),
     (["--slo", SLO, "--grid", "backend=sdpa;tp=1,2"], "grid: tp=2 is not in"),
     (["--slo", SLO, "--grid", "warp=9"], "grid: 'warp=9' is not AXIS=VALUE"),
+    (["--slo", SLO, "--latency", "ttft_p95"], "--latency ttft_p95: expected METRIC_STAT"),
 ])
 def test_bad_input_is_one_error_line(shipped, tmp_path, args, message):
     result = dooly("explore", MODEL, "--store", shipped, "--synthetic", WORKLOAD, "--out", tmp_path, *args)
