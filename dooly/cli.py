@@ -12,6 +12,7 @@ COMMANDS = {
     "fit": ("dooly.predict.cli:fit_main", "fit the store's regressors and print their cross-validated error"),
     "predict": ("dooly.predict.cli:predict_main", "predicted latency of engine steps, op by op"),
     "simulate": ("dooly.sim.cli", "serve a request trace or synthetic workload in the simulated engine"),
+    "explore": ("dooly.explore", "search engine configurations for the best throughput per GPU under latency SLOs"),
     "export-vidur": ("dooly.sim.vidur", "write Vidur's profiling CSVs for a model from Dooly's predictions"),
     "validate": ("dooly.validate", "Dooly's predictions against the engine's measured ground truth"),
     "transfer": ("dooly.predict.transfer", "carry a store to a new GPU or environment from a few calibration points"),

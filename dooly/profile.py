@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="stop after this many seconds")
     parser.add_argument("--out", type=Path, help="folder for the generated microbenchmarks (default: next to "
                                                    "the store)")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="one Ray task per GPU per signature group, on a new local Ray instance or the cluster "
+                             "at ADDRESS (the ray extra)")
     args = parser.parse_args(argv)
     return run(args)
 
@@ -180,6 +183,10 @@ def run(args) -> int:
     from .compile import load_model
 
     graphs = [load_model(path) for path in args.config]  # bad input is refused before looking for a GPU
+    if getattr(args, "ray", None) is not None:
+        from .ray_backend import profile_command
+
+        return profile_command(args)
     import torch
 
     if not torch.cuda.is_available():
