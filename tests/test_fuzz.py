@@ -13,7 +13,7 @@ import sqlite3
 
 import pytest
 from helpers import ROOT, tiny_llama
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_store import env, sig, stats
 
@@ -24,16 +24,6 @@ from dooly.store.schema import SCHEMA_VERSION
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])
-
-# Commands whose failures come from files other helpers are fixing: marked, and not shrunk (a failure is reported
-# as found), so that they stay fast until then.
-UNTIL_FIXED = settings(FUZZ, phases=(Phase.explicit, Phase.reuse, Phase.generate))
-CONFIG_PARSING = pytest.mark.xfail(strict=False, reason="dooly/config.py (load_config) lets a non-UTF-8 or non-object "
-                                   "config.json, and transformers' validation of field types, escape as tracebacks")
-IR_READING = pytest.mark.xfail(strict=False, reason="dooly/compile.py (load_model) and the IR parser let a non-UTF-8 "
-                               "or malformed .ir escape as a traceback")
-STORE_IMPORT = pytest.mark.xfail(strict=False, reason="dooly/store/portable.py (import_) lets a non-UTF-8 export or a "
-                                 "line that is not an object escape as a traceback")
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=12))
 JSON = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
@@ -170,8 +160,7 @@ CONFIGS = st.builds(lambda value, pick: json.dumps(replace_a_leaf(tiny_llama(), 
                     st.integers(0, 10**6))
 
 
-@CONFIG_PARSING
-@settings(UNTIL_FIXED, max_examples=10)  # a config that reads well is compiled: seconds
+@settings(FUZZ, max_examples=10)  # a config that reads well is compiled: seconds
 @given(content=st.one_of(ANY_FILE, CONFIGS))
 def test_compile_config(files, content):
     run_unharmed(files, "compile", write(files, "config.json", content), "--out", files / "compiled-out", "--json")
@@ -183,9 +172,7 @@ def ir_files(files):
                                                         st.integers(0, 10**6), st.integers(0, 40), st.text(max_size=8)))
 
 
-@CONFIG_PARSING
-@IR_READING
-@UNTIL_FIXED
+@FUZZ
 @given(data=st.data())
 def test_plan_config_or_ir(files, data):
     name = data.draw(st.sampled_from(["config.json", "model.ir"]))
@@ -193,16 +180,14 @@ def test_plan_config_or_ir(files, data):
     run_unharmed(files, "plan", write(files, name, content), "--store", files / "store.sqlite", "--json")
 
 
-@IR_READING
-@UNTIL_FIXED
+@FUZZ
 @given(data=st.data())
 def test_profile_ir(files, data):
     run_unharmed(files, "profile", write(files, "model.ir", data.draw(ir_files(files))), "--store",
                  files / "store.sqlite", "--out", files / "bench")
 
 
-@CONFIG_PARSING  # a model.json that is not one is read as a config
-@UNTIL_FIXED
+@FUZZ
 @given(data=st.data())
 def test_predict_model_json(files, data):
     model = json.loads((files / "compiled" / "model.json").read_text())
@@ -217,8 +202,7 @@ EXPORT_ROWS = st.lists(st.one_of(JSON, st.fixed_dictionaries({"table": st.sample
     lambda rows: lines_of([{"format": "dooly-store", "schema": SCHEMA_VERSION}, *rows]))
 
 
-@STORE_IMPORT
-@UNTIL_FIXED
+@FUZZ
 @given(content=st.one_of(ANY_FILE, EXPORT_ROWS))
 def test_store_import(files, content):
     run_unharmed(files, "store", "import", files / "store.sqlite", write(files, "export.jsonl", content))
