@@ -65,8 +65,10 @@ def cached_compile(cfg: ModelConfig, frontend: str = "transformers", dtype: str 
                      sort_keys=True)
     cache = Path(os.environ.get("DOOLY_CACHE", Path.home() / ".cache" / "dooly")) / "ir"
     path = cache / f"{cfg.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
-    if path.exists():
+    try:
         return Graph.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, RecursionError, DoolyError):  # none yet, or one cut short or edited: compile it
+        pass
     graph = compile_model(cfg, frontend, dtype, tp)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -91,3 +91,23 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, case, content, message)
 def test_bad_options_exit_2(tmp_path):
     out = run(ROOT / "configs" / "llama-3.2-1b.json", "--frontend", "nope")
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+TENSOR_DTYPE = '"dtype": "bf16",\n     "shape"'
+
+
+@pytest.mark.parametrize("damage", [lambda t: t[: len(t) // 2],
+                                    lambda t: t.replace(TENSOR_DTYPE, TENSOR_DTYPE.replace("bf16", "bf17"), 1)])
+def test_a_damaged_cache_entry_is_compiled_again(tmp_path, monkeypatch, damage):
+    from dooly.compile import cached_compile
+    from dooly.config import load_config
+
+    monkeypatch.setenv("DOOLY_CACHE", str(tmp_path))
+    cfg = load_config(ROOT / "configs" / "llama-3.2-1b.json")
+    graph = cached_compile(cfg)
+    (entry,) = (tmp_path / "ir").glob("*.json")
+    damaged = damage(entry.read_text())
+    assert damaged != entry.read_text()
+    entry.write_text(damaged)
+    assert cached_compile(cfg).dumps_json() == graph.dumps_json()
+    assert entry.read_text() == graph.dumps_json()
