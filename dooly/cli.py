@@ -21,7 +21,8 @@ COMMANDS = {
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<10} {help}" for name, (_, help) in COMMANDS.items())
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {help}" for name, (_, help) in COMMANDS.items())
     return f"usage: dooly COMMAND [ARGS...]\n\ncommands:\n{rows}\n\n'dooly COMMAND --help' for a command's options"
 
 
