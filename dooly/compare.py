@@ -41,12 +41,11 @@ def step_rows(predictors: list, batch: list[tuple[int, int]]) -> dict:
 
 def serve(predictor, requests, num_blocks: int):
     """The workload in transformers' continuous batching with its default settings."""
-    from .sim import ContinuousBatching, Knobs, StepTime, simulate
+    from .sim import Knobs, StepTime, engine_scheduler, simulate
 
     knobs = Knobs()
-    scheduler = ContinuousBatching(num_blocks, 256, knobs.max_batch_tokens, min(1024, knobs.max_batch_tokens,
-                                                                                num_blocks))
-    return simulate(requests, scheduler, StepTime(predictor, knobs))
+    return simulate(requests, engine_scheduler("cb", num_blocks, 256, knobs.max_batch_tokens, 1024),
+                    StepTime(predictor, knobs))
 
 
 def plot(outcomes: list, labels: list[str], path: Path, title: str) -> Path:

@@ -119,10 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..predict import environment_name, load_predictor
     from ..store import Store
     from . import (
-        ContinuousBatching,
         Knobs,
         StepTime,
-        VLLMv1,
+        engine_scheduler,
         load_trace,
         simulate,
         summary,
@@ -147,11 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu = int(args.gpu_memory_gib * 2**30) if args.gpu_memory_gib else H100_BYTES
         blocks = (num_gpu_blocks(cfg, gpu, weight_bytes(cfg)) if args.scheduler == "vllm"
                   else cache_size(cfg, gpu, 256, args.max_batch_tokens).num_blocks * 256 // block)
-    if args.scheduler == "cb":
-        limit = min(args.max_requests or 1024, args.max_batch_tokens, blocks)
-        scheduler = ContinuousBatching(blocks, block, args.max_batch_tokens, limit)
-    else:
-        scheduler = VLLMv1(blocks, block, args.max_batch_tokens, args.max_requests or 1024)
+    scheduler = engine_scheduler(args.scheduler, blocks, block, args.max_batch_tokens, args.max_requests or 1024)
     knobs = Knobs(use_cuda_graph=args.cuda_graphs, max_batch_tokens=args.max_batch_tokens,
                   use_async_batching=args.async_batching)
     started = time.perf_counter()

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 
 from ..errors import DoolyError
 from ..predict.step import Predictor
-from .schedulers import ContinuousBatching, VLLMv1
+from .schedulers import engine_scheduler
 from .simulator import Knobs, StepTime, simulate, summary
 from .workload import Request
 
@@ -189,10 +189,7 @@ class _Watch:
 
 def scheduler_for(config: Config, cache_tokens: int):
     block = BLOCK_SIZES[config.scheduler]
-    blocks = cache_tokens // block
-    if config.scheduler == "cb":
-        return ContinuousBatching(blocks, block, config.max_tokens, min(config.max_seqs, config.max_tokens, blocks))
-    return VLLMv1(blocks, block, config.max_tokens, config.max_seqs)
+    return engine_scheduler(config.scheduler, cache_tokens // block, block, config.max_tokens, config.max_seqs)
 
 
 def evaluate(setting: Setting, config: Config) -> dict:

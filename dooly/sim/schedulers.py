@@ -326,3 +326,11 @@ class VLLMv1:
                 freed = True
         self.unread = []
         return freed
+
+
+def engine_scheduler(kind: str, num_blocks: int, block_size: int, max_tokens: int, max_seqs: int):
+    """The scheduler of engine `kind` (`cb`: transformers' continuous batching, `vllm`: vLLM's V1) with a step's
+    token and request budgets; transformers' engine also holds a step to one request a block and a token."""
+    if kind == "cb":
+        return ContinuousBatching(num_blocks, block_size, max_tokens, min(max_seqs, max_tokens, num_blocks))
+    return VLLMv1(num_blocks, block_size, max_tokens, max_seqs)
