@@ -162,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dooly profile", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="+", type=Path, help="config.json files, or compiled IRs (.ir, model.json)")
     parser.add_argument("--store", type=Path, required=True)
-    parser.add_argument("--backend", default="sdpa", help=f"attention backend: {', '.join(BACKENDS)}")
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                        help="whose step to profile: transformers' continuous batching, or vLLM 0.24 (IRs compiled "
+                             "with --frontend vllm)")
+    parser.add_argument("--backend", help=f"attention backend: {', '.join(BACKENDS)} (transformers, default sdpa); "
+                                          "FLASH_ATTN, TRITON_ATTN, FLASHINFER (vllm, default FLASH_ATTN)")
+    parser.add_argument("--eager", action="store_true", help="vllm: its enforce_eager mode (ops one by one)")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="stop after this many seconds")
     parser.add_argument("--out", type=Path, help="folder for the generated microbenchmarks (default: next to "
                                                    "the store)")
@@ -174,10 +179,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    if args.backend not in BACKENDS:
-        raise DoolyError(f"unknown attention backend {args.backend!r} (choose from {', '.join(BACKENDS)})")
     if not args.budget_s > 0:  # NaN is refused too
         raise DoolyError(f"--budget-s must be a positive number of seconds (inf: no budget), got {args.budget_s}")
+    if getattr(args, "engine", "transformers") == "vllm":
+        from .vllm_profile import run as run_vllm
+
+        args.backend = args.backend or "FLASH_ATTN"
+        return run_vllm(args)
+    args.backend = args.backend or "sdpa"
+    if args.backend not in BACKENDS:
+        raise DoolyError(f"unknown attention backend {args.backend!r} (choose from {', '.join(BACKENDS)})")
     output_file(args.store, "--store")
     bench = output_folder(args.out, "--out") if args.out else args.store.parent / "bench"
     from .compile import load_model

@@ -7,6 +7,7 @@ computed) and the step's time on the GPU (CUDA events on the runner's stream fro
 and token times are taken where a user of the offline engine sees them, after each `LLMEngine.step()`.
 
     python -m dooly.bench.vllm_engine check                      # a tiny model: bring-up and per-step times
+    python -m dooly.bench.vllm_engine calibrate --store S        # the engine's own cost per step, into the store
     python -m dooly.bench.vllm_engine groundtruth --models llama-3.1-8b --out DIR [--backend FLASH_ATTN] [--eager]
 """
 
@@ -240,6 +241,48 @@ def check() -> None:
     engine.close()
 
 
+CALIBRATION_R = (1, 2, 4, 8, 16, 32, 64, 128)
+CALIBRATION_PROMPTS = (16, 64, 256, 512, 1024, 2048)
+
+
+def calibrate(store_path: Path, backend: str, eager: bool) -> None:
+    """The engine's own cost per step, apart from any model: a tiny model (`TINY`, whose forward takes microseconds)
+    served on decode batches of each size in CALIBRATION_R and on lone prefills of each length in
+    CALIBRATION_PROMPTS; each (T, R) composition's median step time goes into the store's host table for the
+    environment, phase `vllm-step`. It is what a step costs when the GPU waits on the host: input preparation,
+    attention metadata, launches, sampling, output processing."""
+    import statistics
+
+    import vllm
+
+    from ..store import Store
+    from ..vllm_profile import environment as vllm_environment
+
+    store = Store(store_path)
+    env = store.add_environment(vllm_environment(backend, eager, vllm.__version__))
+    engine = VllmEngine(TINY, backend=backend, eager=eager, prefix_caching=False, max_model_len=4096)
+    samples: dict[tuple[int, int], list[float]] = {}
+    try:
+        engine.run([(0.0, 64, 8)] * 4)  # warm-up
+        for r in CALIBRATION_R:
+            steps, _ = engine.run([(0.0, 16, 48)] * r)
+            for s in steps:
+                samples.setdefault((sum(s.queries), len(s.queries)), []).append(s.forward_s * 1e6)
+        for p in CALIBRATION_PROMPTS:
+            for _ in range(5):
+                steps, _ = engine.run([(0.0, p, 1)])
+                for s in steps:
+                    samples.setdefault((sum(s.queries), len(s.queries)), []).append(s.forward_s * 1e6)
+    finally:
+        engine.close()
+    for (t, r), us in sorted(samples.items()):
+        if len(us) >= 3:
+            us = sorted(us)
+            store.record_host(env.name, "vllm-step", {"T": t, "R": r}, statistics.median(us),
+                              us[min(len(us) - 1, int(0.9 * len(us)))], len(us))
+            print(f"  T={t:5d} R={r:3d}: {statistics.median(us):8.0f} us over {len(us)} steps", flush=True)
+
+
 def _vllm_traces(max_context: int) -> dict[str, tuple[list[tuple[float, int, int]], int]]:
     """The engine-independent traces, and one whose 32 prompts share their first 2,048 tokens: prefix-cache hits
     (vLLM caches prefixes by default)."""
@@ -289,6 +332,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check")
+    c = sub.add_parser("calibrate")
+    c.add_argument("--store", type=Path, required=True)
+    c.add_argument("--backend", default="FLASH_ATTN", choices=BACKENDS)
+    c.add_argument("--eager", action="store_true")
     g = sub.add_parser("groundtruth")
     g.add_argument("--models", nargs="+", required=True)
     g.add_argument("--out", type=Path, required=True)
@@ -301,6 +348,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "check":
         check()
+    elif args.command == "calibrate":
+        calibrate(args.store, args.backend, args.eager)
     else:
         layers = {k: int(v) for k, v in (item.split("=") for item in args.layers)}
         groundtruth(args.models, args.out, args.backend, args.eager, args.repeats, args.budget_s,

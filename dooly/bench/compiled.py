@@ -1,0 +1,60 @@
+"""What generated benchmarks of compiled vLLM pieces call: the torch forms vLLM gives its IR ops, and the compile.
+
+vLLM 0.24 with `custom_ops: none` lowers its IR ops (RMSNorm, fused add + RMSNorm) to their torch implementations
+and lets inductor fuse them with their neighbours; a piece is compiled once with the token count dynamic (vLLM
+compiles one range, 1 to `max_num_batched_tokens`, and replays it at every captured size), with the inductor options
+vLLM sets (`compilation_config.inductor_compile_config` as the engine resolved it on the H200).
+"""
+
+from __future__ import annotations
+
+import torch
+
+VLLM_INDUCTOR_OPTIONS = {"enable_auto_functionalized_v2": False, "size_asserts": False, "alignment_asserts": False,
+                         "scalar_asserts": False, "combo_kernels": True, "benchmark_combo_kernel": True}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, epsilon: float = 1e-6) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + epsilon)
+    if weight is not None:
+        h = h.to(weight.dtype) * weight
+    return h.to(x.dtype)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
+                       epsilon: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = x.float() + residual.float()
+    return rms_norm(summed, weight, epsilon).to(x.dtype), summed.to(x.dtype)
+
+
+def piece(forward, dynamic: list[tuple[int, int]]):
+    """`forward` compiled on its first call, the (input, dim) pairs sized by the token count marked dynamic. On a
+    GPU inductor compiles it as vLLM does; on the CPU (tests) dynamo traces it and runs the graph eagerly."""
+    state = {}
+
+    def run(*args):
+        if "failed" in state:  # a piece inductor cannot compile fails every point at once, not after a compile each
+            raise RuntimeError(state["failed"])
+        fn = state.get("fn")
+        if fn is None:
+            import torch.fx.experimental._config as fx_config
+
+            fx_config.backed_size_oblivious = True  # sizes 1 and 0 are not special: one graph for every size
+            for i, d in dynamic:
+                torch._dynamo.mark_dynamic(args[i], d)
+            cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+            fn = torch.compile(forward, fullgraph=True, dynamic=False,
+                               **({"options": VLLM_INDUCTOR_OPTIONS} if cuda else {"backend": "eager"}))
+            try:
+                out = fn(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:
+                state["failed"] = f"compiling the piece failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                raise RuntimeError(state["failed"]) from None
+            state["fn"] = fn
+            return out
+        return fn(*args)
+
+    return run
