@@ -115,10 +115,8 @@ def _seconds(v) -> bool:
 
 def read_groundtruth(path: Path, limits: Limits) -> dict:
     """A ground-truth file with everything `validate_model` reads checked: its structure, every step composition as
-    `Batches.of` checks user batches, every request as a trace's, all within `limits`."""
-    from .predict import Batches
-    from .sim.workload import request
-
+    `Batches.of` checks user batches, every request as a trace's, all within `limits`. vLLM's files
+    (`dooly.vllm_validate`) are checked as theirs."""
     truth = parse_json(read_text(path, "ground truth"), str(path))
 
     def need(ok, what: str) -> None:
@@ -126,6 +124,10 @@ def read_groundtruth(path: Path, limits: Limits) -> dict:
             raise DoolyError(f"{path}: not a ground-truth file: {what}")
 
     need(isinstance(truth, dict), "expected a JSON object")
+    if isinstance(truth.get("environment"), dict) and truth["environment"].get("engine") == "vllm":
+        from .vllm_validate import check_vllm
+
+        return check_vllm(truth, path, limits, need)
     models = {p.stem for p in (ROOT / "golden").glob("*.ir")}
     need(isinstance(truth.get("model"), str) and truth["model"] in models, "model must name a model of golden/")
     need(isinstance(truth.get("backend"), str), "backend must be a string")
@@ -137,6 +139,15 @@ def read_groundtruth(path: Path, limits: Limits) -> dict:
          "cb_config.safety_margin must be a number from 0 to 1")
     limits.check("tokens-per-step", cb["max_batch_tokens"], f"{path}: cb_config.max_batch_tokens")
     limits.check("requests-per-step", cb["max_requests_per_batch"], f"{path}: cb_config.max_requests_per_batch")
+    check_traces(truth, path, limits, need)
+    return truth
+
+
+def check_traces(truth: dict, path: Path, limits: Limits, need) -> None:
+    """Every trace's requests and runs, each step's composition as `Batches.of` checks user batches."""
+    from .predict import Batches
+    from .sim.workload import request
+
     need(isinstance(truth.get("traces"), dict) and truth["traces"], "traces must be a non-empty object")
     for name, trace in truth["traces"].items():
         where = f"{path}: trace {name[:40]!r}"
@@ -167,7 +178,6 @@ def read_groundtruth(path: Path, limits: Limits) -> dict:
                      and (not r["token_times"] or _seconds(r.get("first_token"))),
                      f"trace {name[:40]!r}: a run's request holds request_id, arrival, token_times and (with tokens) "
                      "first_token")
-    return truth
 
 
 def validate_model(truth: dict, store, log=print, max_steps: int = Limits()["steps"]) -> Row:
@@ -256,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dooly validate", description=__doc__.splitlines()[0])
     parser.add_argument("--groundtruth", type=Path, required=True, help="folder of <backend>/<model>.json files")
     parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--ir", type=Path, help="vLLM ground truth: the folder of the models' vLLM IRs "
+                                                "(<model>.ir, e.g. data/vllm-ir)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--plots", type=Path, help="where the parity plots go (default: out/validate)")
     add_limit_argument(parser, LIMITS)
@@ -270,7 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     truths = [read_groundtruth(f, limits) for f in files]
     store = Store(args.store, readonly=True)
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
-    rows = [validate_model(truth, store, log, limits["steps"]) for truth in truths]
+    from .vllm_validate import is_vllm, validate_vllm_model
+
+    if any(map(is_vllm, truths)) and args.ir is None:
+        raise DoolyError("vLLM ground truth needs --ir DIR, the folder of the models' vLLM IRs (data/vllm-ir)")
+    rows = [validate_vllm_model(truth, store, args.ir, log, limits["steps"]) if is_vllm(truth)
+            else validate_model(truth, store, log, limits["steps"]) for truth in truths]
+    rows = [row for row in rows if row is not None]
     plots = parity_plots(rows, plots_folder)
     if args.json:
         print(json.dumps({"rows": [r.to_json() for r in rows]}, indent=1))
@@ -278,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="Dooly vs the engine on the H100 (APE = absolute percentage error; spread = the engine's "
+    table = Table(title="Dooly vs the engine (APE = absolute percentage error; spread = the engine's "
                         "own (max - min) / median over repeats)")
     for col in ("model", "backend", "steps", "step MAPE", "med / p90", "spread", "requests", "TTFT MAPE",
                 "med / p90", "spread", "TPOT MAPE", "med / p90", "spread"):

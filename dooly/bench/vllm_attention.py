@@ -57,12 +57,15 @@ class AttentionBench:
         _distributed(self.vc)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         name = "model.layers.0.self_attn.attn"
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # the layer takes its dtype from it, as under the engine's loader
         with set_current_vllm_config(self.vc):
             self.layer = Attention(heads, head_dim, head_dim ** -0.5, num_kv_heads=kv_heads,
                                    cache_config=self.vc.cache_config, per_layer_sliding_window=sliding_window,
                                    prefix=name).cuda()
             spec = self.layer.get_kv_cache_spec(self.vc)
             self.builder = self.layer.attn_backend.get_builder_cls()(spec, [name], self.vc, torch.device("cuda"))
+        torch.set_default_dtype(default)
         self.backend = self.layer.attn_backend
 
     def batch(self, queries: list[int], cached: list[int]):

@@ -1,0 +1,173 @@
+"""Latency of one vLLM 0.24 step from the store: what its compiled mode runs, piece by piece, as the engine pads it.
+
+A step of T tokens from R requests runs, in vLLM's default mode (`FULL_AND_PIECEWISE`), as CUDA-graph replays at the
+smallest captured size P >= T when T is at most the largest one, and as the compiled pieces at T otherwise:
+
+- every compiled piece at P (`dooly.passes.pieces`, measured at every captured size);
+- every layer's KV-cache write at P and its attention on the batch as it is: decoding requests (one new token)
+  from the decode grid at their count and mean context, each other request from the prefill grid at its new and
+  cached tokens, one launch floor shared;
+- the ops vLLM runs outside the model (the logits of the R sampled rows, sampling) at R.
+
+The engine's own work per step (scheduling, input preparation, launches, sampling, output processing), measured on
+a tiny model (`python -m dooly.bench.vllm_engine calibrate`), is a floor: with asynchronous scheduling the host
+prepares a step while the GPU runs the last, so a step takes the longer of the two.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DoolyError
+from ..ir.expr import evaluate
+from ..ir.graph import Graph
+
+CAPTURE_SIZES = (1, 2, 4, *range(8, 257, 8))
+HOST_PHASE = "vllm-step"
+ATTENTION_OPS = {"vllm.unified_attention_with_output"}
+
+
+def padded(tokens: int, sizes=CAPTURE_SIZES) -> int:
+    """The token count vLLM runs a step of `tokens` at: the next captured size, or itself above them all."""
+    if tokens > sizes[-1]:
+        return tokens
+    return sizes[bisect.bisect_left(sizes, tokens)]
+
+
+class Curve:
+    """Piecewise linear in the axis, flat below the first point, the last segment's slope above the last."""
+
+    def __init__(self, xs, ys):
+        order = np.argsort(xs)
+        self.xs, self.ys = np.asarray(xs, float)[order], np.asarray(ys, float)[order]
+        if not len(self.xs):
+            raise DoolyError("no measured points")
+
+    def __call__(self, x: float) -> float:
+        xs, ys = self.xs, self.ys
+        if x <= xs[-1] or len(xs) == 1:
+            return float(np.interp(x, xs, ys))
+        return float(ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (x - xs[-1]))
+
+
+class AttentionCurve:
+    """Attention time of a batch from the uniform decode (R, c) and prefill (q, c) grids, log-spaced in R and q."""
+
+    def __init__(self, rows: dict[tuple[int, int, int], float]):
+        self.decode: dict[int, Curve] = {}
+        self.prefill: dict[int, Curve] = {}
+        by_r, by_q = {}, {}
+        for (r, q, c), us in rows.items():
+            if q == 1:
+                by_r.setdefault(r, []).append((c, us))
+            elif r == 1:
+                by_q.setdefault(q, []).append((c, us))
+        self.decode = {r: Curve(*zip(*v)) for r, v in by_r.items()}
+        self.prefill = {q: Curve(*zip(*v)) for q, v in by_q.items()}
+        if not self.decode or not self.prefill:
+            raise DoolyError("the attention sweep has no decode or no prefill points")
+        self.floor = min(rows.values())
+
+    @staticmethod
+    def _across(curves: dict[int, Curve], level: float, c: float) -> float:
+        levels = sorted(curves)
+        if level <= levels[0]:
+            return curves[levels[0]](c)
+        hi = next((i for i, v in enumerate(levels) if v >= level), len(levels) - 1)
+        lo = max(hi - 1, 0)
+        a, b = levels[lo], levels[hi]
+        ya, yb = curves[a](c), curves[b](c)
+        if a == b:
+            return ya
+        w = (math.log2(level) - math.log2(a)) / (math.log2(b) - math.log2(a))
+        return ya + w * (yb - ya)
+
+    def __call__(self, batch: list[tuple[int, int]]) -> float:
+        decodes = [k - 1 for q, k in batch if q == 1]
+        parts = []
+        if decodes:
+            parts.append(self._across(self.decode, len(decodes), sum(decodes) / len(decodes)))
+        parts += [self._across(self.prefill, q, k - q) for q, k in batch if q > 1]
+        return sum(parts) - self.floor * (len(parts) - 1)
+
+
+@dataclass
+class StepModel:
+    """A model's vLLM step, every use bound to its measured curve."""
+
+    terms: list[tuple[str, int, object, dict]]  # (kind, count, curve, binding), kind: padded, attention or rows
+    host_decode: Curve | None
+    host_prefill: Curve | None
+
+    def gpu_us(self, batch: list[tuple[int, int]]) -> float:
+        t, r = sum(q for q, _ in batch), len(batch)
+        p = padded(t)
+        total = 0.0
+        for kind, count, curve, binding in self.terms:
+            if kind == "attention":
+                total += count * curve(batch)
+            else:
+                values = {"T": p, "R": r} if kind == "padded" else {"T": t, "R": r}
+                (axis, expr), = binding.items()
+                total += count * curve(evaluate(expr, values))
+        return total
+
+    def host_us(self, batch: list[tuple[int, int]]) -> float:
+        t, r = sum(q for q, _ in batch), len(batch)
+        floors = []
+        if self.host_decode is not None:
+            floors.append(self.host_decode(r))
+        if self.host_prefill is not None and t > r:
+            floors.append(self.host_prefill(t))
+        return max(floors, default=0.0)
+
+    def step_us(self, batch: list[tuple[int, int]]) -> float:
+        return max(self.gpu_us(batch), self.host_us(batch))
+
+
+def vllm_environment(store, backend: str) -> str:
+    names = [e.name for e in store.environments() if e.engine == "vllm" and e.attention_backend == backend]
+    if not names:
+        known = sorted({e.attention_backend for e in store.environments() if e.engine == "vllm"})
+        raise DoolyError(f"{store.path}: no vLLM environment for {backend} (it has: {', '.join(known) or 'none'})")
+    return names[0]
+
+
+def _medians(store, env: str, sig) -> dict[str, float]:
+    return {k: r["median_us"] for k, r in store.points(sig.hash, env, sig.family).items() if r["status"] == "ok"}
+
+
+def step_model(graph: Graph, store, backend: str) -> StepModel:
+    """Each use of the graph's compiled step bound to its measurements in the store's vLLM environment."""
+    import json
+
+    from ..passes.pieces import piece_uses
+
+    env = vllm_environment(store, backend)
+    terms = []
+    for use in piece_uses(graph, backend):
+        sig = use.signature
+        points = _medians(store, env, sig)
+        if not points:
+            raise DoolyError(f"{graph.model}: {sig.family} signature {sig.hash} ({sig.op}) has no measurement in "
+                             f"{env}: dooly profile --engine vllm --backend {backend} measures it")
+        if sig.op in ATTENTION_OPS:
+            rows = {(p["R"], p["q"], p["c"]): us for p, us in ((json.loads(k), v) for k, v in points.items())}
+            terms.append(("attention", use.count, AttentionCurve(rows), {}))
+            continue
+        (axis,) = sig.axes
+        xs, ys = zip(*sorted((json.loads(k)[axis], v) for k, v in points.items()))
+        inside = sig.family == "piece" or graph.ops[use.op_index].scope.startswith("model.")
+        terms.append(("padded" if inside else "rows", use.count, Curve(xs, ys), use.binding))
+    host = {}
+    for row in store.host(env):
+        if row["phase"] == HOST_PHASE:
+            t, r = row["point"]["T"], row["point"]["R"]
+            host.setdefault("decode" if t == r else "prefill" if r == 1 else "mixed", []).append(
+                (r if t == r else t, row["median_us"]))
+    curve = lambda k: Curve(*zip(*sorted(host[k]))) if k in host else None  # noqa: E731
+    return StepModel(terms, curve("decode"), curve("prefill"))
