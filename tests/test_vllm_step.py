@@ -1,0 +1,97 @@
+"""vLLM's step from the H200 store: padding to captured sizes, attention over a batch, the engine's floor, and
+`dooly validate` on vLLM's ground truth."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dooly.compile import load_model
+from dooly.predict.vllm_step import CAPTURE_SIZES, AttentionCurve, Curve, padded, step_model
+from dooly.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+STORE = ROOT / "data" / "h200.sqlite"
+IR = ROOT / "data" / "vllm-ir"
+TRUTH = ROOT / "data" / "groundtruth" / "vllm" / "flash_attn" / "llama-3.1-8b.json"
+
+
+def test_padding_follows_the_captured_sizes():
+    assert [padded(t) for t in (1, 3, 8, 9, 255, 256)] == [1, 4, 8, 16, 256, 256]
+    assert padded(257) == 257 and padded(2048) == 2048
+    assert all(padded(s) == s for s in CAPTURE_SIZES)
+
+
+def test_curve_is_flat_below_linear_inside_and_extends_the_last_slope():
+    c = Curve([4, 1, 2], [30.0, 10.0, 20.0])
+    assert c(0.5) == 10.0 and c(3) == 25.0 and c(6) == 40.0
+
+
+def test_attention_of_a_mixed_batch_is_its_parts_with_one_launch_floor():
+    rows = {(r, 1, c): 5.0 + r * c / 1000 for r in (1, 2, 4) for c in (16, 1024, 4096)}
+    rows |= {(1, q, c): 8.0 + q * (c + q) / 1000 for q in (16, 256) for c in (0, 2048)}
+    a = AttentionCurve(rows)
+    decode = a([(1, 1025), (1, 1025)])
+    prefill = a([(256, 256)])
+    assert a([(1, 1025), (1, 1025), (256, 256)]) == pytest.approx(decode + prefill - a.floor)
+    assert a([(1, 4097)] * 4) > a([(1, 1025)] * 4) > a([(1, 17)] * 4)
+
+
+@pytest.fixture(scope="module")
+def store():
+    return Store(STORE, readonly=True)
+
+
+def test_a_step_pads_its_pieces_and_takes_the_longer_of_gpu_and_host(store):
+    big = step_model(load_model(IR / "llama-3.1-8b.ir"), store, "FLASH_ATTN")
+    small = step_model(load_model(IR / "llama-3.2-1b.ir"), store, "FLASH_ATTN")
+    decode = [(1, 1000)] * 8
+    assert big.step_us(decode) == big.gpu_us(decode) > big.host_us(decode) > 0  # an 8B decode keeps the GPU busy
+    assert small.step_us(decode) == small.host_us(decode) > small.gpu_us(decode)  # a 1B one waits on the host
+    # 9 and 16 requests replay the same padded graphs: only attention and the sampled rows differ
+    nine, sixteen = big.gpu_us([(1, 1000)] * 9), big.gpu_us([(1, 1000)] * 16)
+    pieces = lambda m, b: sum(c * f(16) for kind, c, f, _ in m.terms if kind == "padded")  # noqa: E731
+    assert pieces(big, None) < nine < sixteen < nine + 0.2 * pieces(big, None)
+    assert big.gpu_us([(2048, 2048)]) > 5 * big.gpu_us([(256, 256)])  # above the captured sizes: unpadded
+
+
+def test_every_signature_of_the_measured_models_is_in_the_store(store):
+    measured = {"FLASH_ATTN": ("llama-3.1-8b", "qwen3-8b", "mistral-7b-v0.3", "qwen2.5-7b", "llama-2-7b",
+                               "llama-3.2-1b", "qwen3-1.7b"),
+                "TRITON_ATTN": ("llama-3.1-8b", "qwen3-8b", "llama-3.2-1b", "qwen3-1.7b")}
+    for backend, names in measured.items():
+        for name in names:
+            step_model(load_model(IR / f"{name}.ir"), store, backend)  # raises on a signature without points
+
+
+def _validate(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dooly.cli", "validate", *args], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_validate_reports_vllm_rows(tmp_path):
+    (tmp_path / "gt" / "flash_attn").mkdir(parents=True)
+    shutil.copy(TRUTH, tmp_path / "gt" / "flash_attn")
+    out = _validate(["--groundtruth", str(tmp_path / "gt"), "--store", str(STORE), "--ir", str(IR), "--json",
+                     "--plots", str(tmp_path / "plots")])
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out.stdout)["rows"]
+    assert row["backend"] == "vllm FLASH_ATTN+graphs" and row["n_steps"] > 100 and row["n_requests"] > 100
+    assert 0 <= row["step_mape"] < 1 and 0 <= row["ttft_mape"] < 1 and 0 <= row["tpot_mape"] < 1
+
+
+def test_validate_refuses_vllm_ground_truth_without_irs_or_with_a_broken_step(tmp_path):
+    folder = tmp_path / "gt" / "flash_attn"
+    folder.mkdir(parents=True)
+    truth = json.loads(TRUTH.read_text())
+    (folder / "llama-3.1-8b.json").write_text(json.dumps(truth))
+    out = _validate(["--groundtruth", str(tmp_path / "gt"), "--store", str(STORE)])
+    assert out.returncode == 2 and out.stderr.startswith("error:") and "--ir" in out.stderr
+    truth["traces"]["chat@8"]["runs"][0]["steps"][0]["computed"].append(5)
+    (folder / "llama-3.1-8b.json").write_text(json.dumps(truth))
+    out = _validate(["--groundtruth", str(tmp_path / "gt"), "--store", str(STORE), "--ir", str(IR)])
+    assert out.returncode == 2 and out.stderr.startswith("error:") and "computed" in out.stderr
+    assert "Traceback" not in out.stderr
