@@ -2,8 +2,9 @@
 GPU, what vLLM 0.24 runs for these models (IRs from `dooly compile CONFIG --frontend vllm`) that the store lacks.
 
 - compiled mode (vLLM's default): each compiled piece between splitting ops (`dooly.passes.pieces`), compiled by
-  inductor as vLLM compiles it and timed as CUDA-graph replays at every size vLLM captures and at larger token
-  counts up to its compile range (`PIECE_POINTS`); `--eager`: the ops one by one, as the transformers engine's are;
+  inductor as vLLM compiles it and timed as CUDA-graph replays at every size vLLM captures, and as eager launches
+  at larger token counts up to its compile range (`PIECE_POINTS`); `--eager`: the ops one by one, as the
+  transformers engine's are;
 - both: attention and the KV-cache write through vLLM's own layer, metadata builder and cache layout
   (`dooly.bench.vllm_attention`, needs vLLM importable: `tools/vllm_bundle.py`), and the ops vLLM runs outside the
   model (logits, sampling) as op microbenchmarks.
@@ -26,7 +27,10 @@ from .passes.pieces import piece_uses
 
 BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER")
 CAPTURE_SIZES = (1, 2, 4, *range(8, 257, 8))  # vLLM 0.24's default cudagraph_capture_sizes on the H200
-PIECE_POINTS = tuple(sorted({*CAPTURE_SIZES, 320, 384, 512, 768, 1024, 1536, 2048}, reverse=True))
+# every captured size (graph replays), and larger steps as vLLM runs them, eagerly ("graph": 0 in the point key: a
+# store from before keeps its replayed points apart)
+PIECE_POINTS = tuple({"M": m, "graph": 0} for m in (2048, 1536, 1024, 768, 512, 384, 320)) + tuple(
+    {"M": m} for m in sorted(CAPTURE_SIZES, reverse=True))
 ATTENTION_OPS = {"vllm.unified_attention_with_output"}
 KV_WRITE_OPS = {"vllm.unified_kv_cache_update"}
 MODES = {False: "vllm", True: "vllm-eager"}  # the engine field: compiled (default) and eager are apart in the store
@@ -166,8 +170,8 @@ def run(args) -> int:
             t = time.monotonic()
             module = load(paths[sig.hash])
             if sig.family == "piece":
-                for m in PIECE_POINTS:
-                    sweeper.point(module, sig, {"M": m})
+                for point in PIECE_POINTS:
+                    sweeper.point(module, sig, point)
                 rows = store.points(sig.hash, env.name, sig.family)
                 store.finish_sweep(sig.hash, env.name, sum(r["gpu_s"] for r in rows.values()), len(rows))
             else:
@@ -213,7 +217,7 @@ def _stateful(todo: list, store, env, sweeper, console) -> int:
         if sig.op in ATTENTION_OPS:
             module, grid = _AttentionModule(benches[dims]), points()
         else:
-            module, grid = _KVWriteModule(benches[dims]), [{"M": m} for m in PIECE_POINTS]
+            module, grid = _KVWriteModule(benches[dims]), [{"M": p["M"]} for p in PIECE_POINTS]
         for point in grid:
             sweeper.point(SimpleNamespace(make_inputs=module.make_inputs, run=module.run), sig, point)
         rows = store.points(sig.hash, env.name, sig.family)

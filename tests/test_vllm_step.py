@@ -95,3 +95,15 @@ def test_validate_refuses_vllm_ground_truth_without_irs_or_with_a_broken_step(tm
     out = _validate(["--groundtruth", str(tmp_path / "gt"), "--store", str(STORE), "--ir", str(IR)])
     assert out.returncode == 2 and out.stderr.startswith("error:") and "computed" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_engines_floor_follows_the_models_depth():
+    from dooly.predict.vllm_step import HostFloor, StepModel
+
+    floor = lambda us: HostFloor(Curve([1, 64], [us, us + 100]), Curve([16, 2048], [2 * us, 3 * us]), None)  # noqa: E731
+    model = lambda layers: StepModel([], {2: floor(1000.0), 16: floor(2400.0)}, layers)  # noqa: E731
+    decode, prefill = [(1, 100)], [(2048, 2048)]
+    assert model(2).host_us(decode) == 1000 and model(16).host_us(decode) == 2400
+    assert model(9).host_us(decode) == pytest.approx(1700) and model(30).host_us(decode) == pytest.approx(3800)
+    assert model(9).host_us(prefill) == pytest.approx(3 * 1700)  # a lone prefill reads the prefill curve
+    assert StepModel([], {2: floor(1000.0)}, 32).host_us(decode) == 1000  # one depth stands for all

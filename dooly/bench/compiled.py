@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+MAX_CAPTURED = 256  # vLLM 0.24's max_cudagraph_capture_size on the H200: larger steps launch the kernels one by one
 VLLM_INDUCTOR_OPTIONS = {"enable_auto_functionalized_v2": False, "size_asserts": False, "alignment_asserts": False,
                          "scalar_asserts": False, "combo_kernels": True, "benchmark_combo_kernel": True}
 
@@ -30,10 +31,14 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 def piece(forward, dynamic: list[tuple[int, int]]):
     """`forward` compiled on its first call, the (input, dim) pairs sized by the token count marked dynamic. On a
-    GPU inductor compiles it as vLLM does; on the CPU (tests) dynamo traces it and runs the graph eagerly."""
+    GPU inductor compiles it as vLLM does; on the CPU (tests) dynamo traces it and runs the graph eagerly. Above
+    MAX_CAPTURED tokens it refuses CUDA-graph capture, so the timer times a loop of eager launches, as vLLM runs it."""
     state = {}
 
     def run(*args):
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and dynamic \
+                and args[dynamic[0][0]].shape[dynamic[0][1]] > MAX_CAPTURED:
+            raise RuntimeError("vLLM runs pieces of more than MAX_CAPTURED tokens without a CUDA graph")  # timed eager
         if "failed" in state:  # a piece inductor cannot compile fails every point at once, not after a compile each
             raise RuntimeError(state["failed"])
         fn = state.get("fn")

@@ -245,12 +245,16 @@ CALIBRATION_R = (1, 2, 4, 8, 16, 32, 64, 128)
 CALIBRATION_PROMPTS = (16, 64, 256, 512, 1024, 2048)
 
 
+CALIBRATION_LAYERS = (2, 16)
+
+
 def calibrate(store_path: Path, backend: str, eager: bool) -> None:
     """The engine's own cost per step, apart from any model: a tiny model (`TINY`, whose forward takes microseconds)
-    served on decode batches of each size in CALIBRATION_R and on lone prefills of each length in
-    CALIBRATION_PROMPTS; each (T, R) composition's median step time goes into the store's host table for the
-    environment, phase `vllm-step`. It is what a step costs when the GPU waits on the host: input preparation,
-    attention metadata, launches, sampling, output processing."""
+    at each depth of CALIBRATION_LAYERS, served on decode batches of each size in CALIBRATION_R and on lone prefills
+    of each length in CALIBRATION_PROMPTS; each (T, R, layers) composition's median step time goes into the store's
+    host table for the environment, phase `vllm-step`. It is what a step costs when the GPU waits on the host:
+    input preparation, attention metadata, launches (one graph and one attention call a layer in piecewise steps),
+    sampling, output processing."""
     import statistics
 
     import vllm
@@ -260,27 +264,28 @@ def calibrate(store_path: Path, backend: str, eager: bool) -> None:
 
     store = Store(store_path)
     env = store.add_environment(vllm_environment(backend, eager, vllm.__version__))
-    engine = VllmEngine(TINY, backend=backend, eager=eager, prefix_caching=False, max_model_len=4096)
-    samples: dict[tuple[int, int], list[float]] = {}
-    try:
-        engine.run([(0.0, 64, 8)] * 4)  # warm-up
-        for r in CALIBRATION_R:
-            steps, _ = engine.run([(0.0, 16, 48)] * r)
-            for s in steps:
-                samples.setdefault((sum(s.queries), len(s.queries)), []).append(s.forward_s * 1e6)
-        for p in CALIBRATION_PROMPTS:
-            for _ in range(5):
-                steps, _ = engine.run([(0.0, p, 1)])
+    for layers in CALIBRATION_LAYERS:
+        engine = VllmEngine({**TINY, "num_hidden_layers": layers}, backend=backend, eager=eager,
+                            prefix_caching=False, max_model_len=4096)
+        samples: dict[tuple[int, int], list[float]] = {}
+        try:
+            engine.run([(0.0, 64, 8)] * 4)  # warm-up
+            runs = [[(0.0, 16, 48)] * r for r in CALIBRATION_R] + [[(0.0, p, 1)] for p in CALIBRATION_PROMPTS
+                                                                   for _ in range(5)]
+            runs += [[(0.0, 16, 48)] * 8 + [(0.005, p, 1)] for p in CALIBRATION_PROMPTS]  # prefills among decodes
+            for requests in runs:
+                steps, _ = engine.run(requests)
                 for s in steps:
                     samples.setdefault((sum(s.queries), len(s.queries)), []).append(s.forward_s * 1e6)
-    finally:
-        engine.close()
-    for (t, r), us in sorted(samples.items()):
-        if len(us) >= 3:
-            us = sorted(us)
-            store.record_host(env.name, "vllm-step", {"T": t, "R": r}, statistics.median(us),
-                              us[min(len(us) - 1, int(0.9 * len(us)))], len(us))
-            print(f"  T={t:5d} R={r:3d}: {statistics.median(us):8.0f} us over {len(us)} steps", flush=True)
+        finally:
+            engine.close()
+        for (t, r), us in sorted(samples.items()):
+            if len(us) >= 3:
+                us = sorted(us)
+                store.record_host(env.name, "vllm-step", {"T": t, "R": r, "layers": layers}, statistics.median(us),
+                                  us[min(len(us) - 1, int(0.9 * len(us)))], len(us))
+                print(f"  layers={layers:2d} T={t:5d} R={r:3d}: {statistics.median(us):8.0f} us over {len(us)} steps",
+                      flush=True)
 
 
 def _vllm_traces(max_context: int) -> dict[str, tuple[list[tuple[float, int, int]], int]]:

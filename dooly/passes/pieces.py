@@ -126,14 +126,16 @@ def piece_signature(graph: Graph, ops: list[int], backend: str) -> Signature:
     config = graph.config_values
     position = {i: n for n, i in enumerate(ops)}
     members = []
-    for i in ops:
+    for n, i in enumerate(ops):
         op = graph.ops[i]
         sig, _ = signature(op, config, backend, exact=True)
         c = sig.canonical
         members.append({
             "op": op.name, "inputs": [_tensor(t) for t in c["inputs"]], "outputs": [_tensor(t) for t in c["outputs"]],
             "attrs": {k: _attr(v) for k, v in {**c["attrs"], **c["data"]}.items()},
-            "from": [position.get(t.src) for t in op.inputs],  # the piece's own op feeding each input, else None
+            # the earlier op of the piece feeding each input, else None: an input made before the piece (an op of the
+            # same layer's part before attention, read after it, as Cohere's parallel MLP does, is one)
+            "from": [position[t.src] if position.get(t.src, n) < n else None for t in op.inputs],
         })
     canonical = {"op": "dooly.piece", "family": "piece", "ops": members, "axes": ["M"]}
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))

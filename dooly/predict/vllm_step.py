@@ -17,6 +17,7 @@ prepares a step while the GPU runs the last, so a step takes the longer of the t
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from ..ir.graph import Graph
 
 CAPTURE_SIZES = (1, 2, 4, *range(8, 257, 8))
 HOST_PHASE = "vllm-step"
+CALIBRATION_DEPTH = 2  # the tiny model's layers, for host rows that do not say theirs
 ATTENTION_OPS = {"vllm.unified_attention_with_output"}
 
 
@@ -96,12 +98,25 @@ class AttentionCurve:
 
 
 @dataclass
+class HostFloor:
+    """The engine's own cost of a step at one model depth: decode batches by requests, other steps by tokens."""
+
+    decode: Curve | None
+    prefill: Curve | None  # one request
+    mixed: Curve | None  # a prefill among decodes
+
+    def __call__(self, t: int, r: int) -> float:
+        curve = self.decode if t == r else self.mixed if r > 1 and self.mixed else self.prefill
+        return curve(r if t == r else t) if curve else 0.0
+
+
+@dataclass
 class StepModel:
     """A model's vLLM step, every use bound to its measured curve."""
 
     terms: list[tuple[str, int, object, dict]]  # (kind, count, curve, binding), kind: padded, attention or rows
-    host_decode: Curve | None
-    host_prefill: Curve | None
+    host: dict[int, HostFloor]  # by the depth of the model it was measured on
+    layers: int
 
     def gpu_us(self, batch: list[tuple[int, int]]) -> float:
         t, r = sum(q for q, _ in batch), len(batch)
@@ -117,13 +132,18 @@ class StepModel:
         return total
 
     def host_us(self, batch: list[tuple[int, int]]) -> float:
+        """The engine's floor at this model's depth: between the two calibrated depths around it, or along the
+        line through the two nearest (piecewise steps launch per layer); one depth alone stands for all."""
         t, r = sum(q for q, _ in batch), len(batch)
-        floors = []
-        if self.host_decode is not None:
-            floors.append(self.host_decode(r))
-        if self.host_prefill is not None and t > r:
-            floors.append(self.host_prefill(t))
-        return max(floors, default=0.0)
+        depths = sorted(self.host)
+        if not depths:
+            return 0.0
+        if len(depths) == 1:
+            return self.host[depths[0]](t, r)
+        hi = next((i for i, d in enumerate(depths) if d >= self.layers), len(depths) - 1)
+        a, b = depths[max(hi - 1, 0)], depths[max(hi, 1)]
+        ya, yb = self.host[a](t, r), self.host[b](t, r)
+        return max(0.0, ya + (yb - ya) * (self.layers - a) / (b - a))
 
     def step_us(self, batch: list[tuple[int, int]]) -> float:
         return max(self.gpu_us(batch), self.host_us(batch))
@@ -141,10 +161,20 @@ def _medians(store, env: str, sig) -> dict[str, float]:
     return {k: r["median_us"] for k, r in store.points(sig.hash, env, sig.family).items() if r["status"] == "ok"}
 
 
+def _as_run(points: dict[str, float], axis: str) -> dict[int, float]:
+    """A curve's points as vLLM runs them: above the captured sizes the eagerly launched timing (`"graph": 0`)
+    where the store has it, else the replayed one."""
+    out: dict[int, float] = {}
+    for key, us in sorted(points.items(), key=lambda kv: "graph" not in kv[0]):
+        point = json.loads(key)
+        if point.get("graph", 1) == 0 and point[axis] <= CAPTURE_SIZES[-1]:
+            continue
+        out.setdefault(point[axis], us)
+    return out
+
+
 def step_model(graph: Graph, store, backend: str) -> StepModel:
     """Each use of the graph's compiled step bound to its measurements in the store's vLLM environment."""
-    import json
-
     from ..passes.pieces import piece_uses
 
     env = vllm_environment(store, backend)
@@ -160,14 +190,18 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
             terms.append(("attention", use.count, AttentionCurve(rows), {}))
             continue
         (axis,) = sig.axes
-        xs, ys = zip(*sorted((json.loads(k)[axis], v) for k, v in points.items()))
+        xs, ys = zip(*sorted(_as_run(points, axis).items()))
         inside = sig.family == "piece" or graph.ops[use.op_index].scope.startswith("model.")
         terms.append(("padded" if inside else "rows", use.count, Curve(xs, ys), use.binding))
-    host = {}
+    rows: dict[int, dict[str, list]] = {}
     for row in store.host(env):
         if row["phase"] == HOST_PHASE:
-            t, r = row["point"]["T"], row["point"]["R"]
-            host.setdefault("decode" if t == r else "prefill" if r == 1 else "mixed", []).append(
+            point = row["point"]
+            t, r = point["T"], point["R"]
+            kind = "decode" if t == r else "prefill" if r == 1 else "mixed"
+            rows.setdefault(point.get("layers", CALIBRATION_DEPTH), {}).setdefault(kind, []).append(
                 (r if t == r else t, row["median_us"]))
-    curve = lambda k: Curve(*zip(*sorted(host[k]))) if k in host else None  # noqa: E731
-    return StepModel(terms, curve("decode"), curve("prefill"))
+    curve = lambda v: Curve(*zip(*sorted(v))) if v else None  # noqa: E731
+    host = {depth: HostFloor(curve(k.get("decode")), curve(k.get("prefill")), curve(k.get("mixed")))
+            for depth, k in rows.items()}
+    return StepModel(terms, host, graph.meta.get("layers", 1))
