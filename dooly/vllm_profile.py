@@ -215,7 +215,7 @@ def _stateful(todo: list, store, env, sweeper, console) -> int:
             benches[dims] = AttentionBench(config, env.attention_backend, heads, kv_heads, head_dim, window)
         store.add_signature(sig)
         if sig.op in ATTENTION_OPS:
-            module, grid = _AttentionModule(benches[dims]), points()
+            module, grid = _AttentionModule(benches[dims]), points(benches[dims].vc.scheduler_config.max_num_seqs)
         else:
             module, grid = _KVWriteModule(benches[dims]), [{"M": p["M"]} for p in PIECE_POINTS]
         for point in grid:

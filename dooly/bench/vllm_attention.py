@@ -30,8 +30,10 @@ PREFILL_Q = (16, 64, 128, 256, 512, 1024, 2048)
 PREFILL_C = (0, 512, 2048, 8192, 32768)
 
 
-def points() -> list[dict[str, int]]:
-    decode = [{"R": r, "q": 1, "c": c} for r in DECODE_R for c in DECODE_C if r * (c + 1) <= MAX_CACHED_TOKENS]
+def points(max_requests: int) -> list[dict[str, int]]:
+    """The grid, with no more requests than the engine batches (FLASHINFER's builder sizes its buffers by it)."""
+    decode = [{"R": r, "q": 1, "c": c} for r in DECODE_R for c in DECODE_C
+              if r * (c + 1) <= MAX_CACHED_TOKENS and r <= max_requests]
     prefill = [{"R": 1, "q": q, "c": c} for q in PREFILL_Q for c in PREFILL_C]
     return decode + prefill
 
