@@ -29,12 +29,22 @@ from .passes.dedup import dedup
 DEFAULT_BACKEND = "paged|sdpa"
 
 
+def step_uses(graph: Graph, backend: str, exact: bool = False) -> list:
+    """What the graph's engine profiles: compiled pieces and the ops around them for a vLLM IR (vLLM's default
+    mode), every op otherwise; `exact` for a per-model profiler, which tells ops of other shapes apart."""
+    if graph.meta.get("engine") == "vllm":
+        from .passes.pieces import piece_uses
+
+        return piece_uses(graph, backend, exact)
+    return uses(graph, backend, exact)
+
+
 def signature_uses(graphs: list[Graph], backend: str, exact: bool = False) -> dict[str, tuple[Signature, list]]:
     """Each signature the graphs use, by hash, with the request-dim bindings of all its uses (what its sweep must
     cover)."""
     out: dict[str, tuple[Signature, list[dict[str, str]]]] = {}
     for g in graphs:
-        for u in uses(g, backend, exact):
+        for u in step_uses(g, backend, exact):
             out.setdefault(u.signature.hash, (u.signature, []))[1].append(u.binding)
     return out
 
@@ -68,7 +78,7 @@ def plan(graphs: list[Graph], backend: str, measured_cost: dict[str, float]) -> 
     have = set(measured_cost)
     rows, total = [], 0.0
     for g in graphs:
-        split = dedup(g, backend, have)
+        split = dedup(g, backend, have, step_uses(g, backend))
         new = sum(costs[h] for h in split.to_profile)
         exact = signature_uses([g], backend, exact=True)
         baseline = sum(estimate_s(s, sweep_limits(s, b)) for s, b in exact.values())

@@ -29,6 +29,13 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm(summed, weight, epsilon).to(x.dtype), summed.to(x.dtype)
 
 
+def _size_oblivious():
+    """Sizes 1 and 0 are not special while a piece is traced: one graph for every size, as vLLM compiles it."""
+    import torch.fx.experimental._config as fx_config
+
+    return fx_config.patch(backed_size_oblivious=True)
+
+
 def piece(forward, dynamic: list[tuple[int, int]]):
     """`forward` compiled on its first call, the (input, dim) pairs sized by the token count marked dynamic. On a
     GPU inductor compiles it as vLLM does; on the CPU (tests) dynamo traces it and runs the graph eagerly. Above
@@ -42,10 +49,10 @@ def piece(forward, dynamic: list[tuple[int, int]]):
         if "failed" in state:  # a piece inductor cannot compile fails every point at once, not after a compile each
             raise RuntimeError(state["failed"])
         fn = state.get("fn")
-        if fn is None:
-            import torch.fx.experimental._config as fx_config
-
-            fx_config.backed_size_oblivious = True  # sizes 1 and 0 are not special: one graph for every size
+        if fn is not None:
+            with _size_oblivious():
+                return fn(*args)
+        with _size_oblivious():
             for i, d in dynamic:
                 torch._dynamo.mark_dynamic(args[i], d)
             cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
@@ -60,6 +67,5 @@ def piece(forward, dynamic: list[tuple[int, int]]):
                 raise RuntimeError(state["failed"]) from None
             state["fn"] = fn
             return out
-        return fn(*args)
 
     return run

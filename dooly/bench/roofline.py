@@ -60,6 +60,11 @@ def work(canonical: dict, point: dict[str, int]) -> tuple[float, float]:
 
 
 def roofline_s(canonical: dict, point: dict[str, int], dtype: str = "bf16") -> float:
+    if canonical.get("family") == "piece":  # a compiled piece: its ops' work, fused into few launches
+        from ..passes.canonicalize import family
+
+        return sum(roofline_s({**m, "family": family(m["op"])}, point, dtype) - LAUNCH_S
+                   for m in canonical["ops"]) + LAUNCH_S
     flops, moved = work(canonical, point)
     compute = flops / PEAK_FLOPS.get(dtype, PEAK_FLOPS["bf16"]) if canonical["family"] in (
         "gemm", "attention", "moe") else 0.0

@@ -147,12 +147,13 @@ def pieces(graph: Graph, backend: str) -> list[Piece]:
             for role, ops, count in partition(graph)]
 
 
-def piece_uses(graph: Graph, backend: str) -> list[Use]:
-    """The step as compiled vLLM runs it: one use per piece, and per-op uses of everything outside the pieces."""
+def piece_uses(graph: Graph, backend: str, exact: bool = False) -> list[Use]:
+    """The step as compiled vLLM runs it: one use per piece, and per-op uses of everything outside the pieces
+    (`exact`: their exact signatures, as a per-model profiler keeps them)."""
     cut = pieces(graph, backend)
     inside = {i for p in cut for i in p.ops}
     out = [Use(p.ops[0], p.signature, {"M": "T"}, p.count, "step", "") for p in cut]
-    return out + [u for u in uses(graph, backend) if u.op_index not in inside]
+    return out + [u for u in uses(graph, backend, exact) if u.op_index not in inside]
 
 
 def dump(graph: Graph, cut: list[Piece]) -> str:
