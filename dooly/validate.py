@@ -1,6 +1,6 @@
 """`dooly validate --groundtruth DIR --store PATH`: Dooly's predictions against the engine's measured ground truth.
 
-Ground truth (`tools/validate.py` on the GPU) holds, per model and attention backend, request traces each served
+Ground truth (`dooly groundtruth` on the GPU) holds, per model and attention backend, request traces each served
 once to warm up and then repeatedly. Compared here:
 
 - step latency: the model forward's GPU time of every batch composition measured in at least `MIN_REPEATS`
