@@ -1,8 +1,8 @@
-"""`dooly groundtruth CONFIG... --out DIR [--backend B] [--graphs]`: record, on a GPU, the engine serving the
-ground-truth traces (`dooly.bench.groundtruth`), in the files `dooly validate --groundtruth DIR` reads.
+"""`dooly groundtruth CONFIG... --out DIR`: record, on a GPU, the engine serving the ground-truth traces.
 
-A model's file that already holds every asked-for trace is left alone, and new traces are added to what an
-earlier run recorded, so an interrupted recording resumes model by model.
+The recording is `dooly.bench.groundtruth`'s, in the files `dooly validate --groundtruth DIR` reads. A model's
+file that already holds every asked-for trace is left alone, and new traces are added to what an earlier run
+recorded, so an interrupted recording resumes model by model.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def groundtruth_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graphs", action="store_true", help="the engine with CUDA graphs on")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each trace after its warm-up")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no model after this long")
-    parser.add_argument("--traces", nargs="+", default=[], choices=TRACE_KINDS,
-                        help="only these kinds of trace (default: all)")
+    parser.add_argument("--traces", nargs="+", default=[], choices=TRACE_KINDS, metavar="KIND",
+                        help=f"only these kinds of trace: {', '.join(TRACE_KINDS)} (default: all)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         raise DoolyError("--repeats must be at least 1")

@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     again = sub.add_parser("recheck", help="re-measure a random sample of stored points on this GPU: repeatability")
     again.add_argument("store", type=Path)
     again.add_argument("--env", help="environment (default: the store's first)")
-    again.add_argument("--points", type=int, default=30)
-    again.add_argument("--seed", type=int, default=0)
+    again.add_argument("--points", type=int, default=30, help="how many stored points to re-measure")
+    again.add_argument("--seed", type=int, default=0, help="seed of the random sample")
     again.add_argument("--out", type=Path, help="write the re-measured points as JSON here")
     args = parser.parse_args(argv)
     if args.action == "import":
