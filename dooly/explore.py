@@ -26,6 +26,7 @@ from pathlib import Path
 from .errors import DoolyError, command
 from .sim import explore as search
 from .sim import workload
+from .store import Environment, Store
 
 GPU_BYTES = {"NVIDIA H100 80GB HBM3": 81559 * 2**20, "NVIDIA H200": 143771 * 2**20}  # nvidia-smi's totals
 
@@ -33,7 +34,6 @@ GPU_BYTES = {"NVIDIA H100 80GB HBM3": 81559 * 2**20, "NVIDIA H200": 143771 * 2**
 def deployments(store_paths: list[Path], grid: dict) -> dict[tuple[str, str, str], tuple]:
     """(gpu, engine, backend) -> (store, environment) for each environment of the stores that the grid asks for."""
     from .profile import BACKENDS
-    from .store import Store
 
     backend_of = {attention: name for name, (attention, _, _) in BACKENDS.items()}
     found: dict[tuple[str, str, str], tuple] = {}
@@ -54,7 +54,7 @@ def deployments(store_paths: list[Path], grid: dict) -> dict[tuple[str, str, str
                                                   enumerate(("gpu", "engine", "backend")))}
 
 
-def tp_degrees(store, env) -> set[int]:
+def tp_degrees(store: Store, env: Environment) -> set[int]:
     """TP degrees the environment can predict: 1, and those whose collectives it has measured."""
     out = {1}
     for h in store.measured(env.name):
@@ -100,8 +100,6 @@ def build(args, grid: dict) -> tuple[search.Setting, list[search.Config], str]:
 
 def run_digest(args, setting: search.Setting) -> str:
     """What a search's results depend on besides the configuration: resumed rows must share it."""
-    from .store import Store
-
     parts = [Path(args.config).read_text(), [(r.arrival, r.prompt, r.output) for r in setting.requests],
              [(o.name, o.limit_ms) for o in setting.objectives], args.gpu_memory_gib,
              [(str(p), Store(p, create=False).counts()) for p in args.store]]

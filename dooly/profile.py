@@ -17,10 +17,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Protocol
 
 from .bench.sweep import ATTENTION_WORK
 from .errors import DoolyError, command
 from .limits import output_file, output_folder
+from .passes.canonicalize import Signature
+from .store import Stats, Store
 
 # backend name -> (the environment's attention_backend, the SDPA kernel it forces (None: torch chooses), the T*K
 # bound of attention sweeps). On the H100 with torch 2.11, torch picks cuDNN for the engine's masked call; flash
@@ -85,15 +88,28 @@ class Budget(Exception):
     pass
 
 
+class MeasurementSink(Protocol):
+    """What a `Sweeper` reads and writes: a `Store`, or, inside a Ray task, `ray_backend.WriterStore`."""
+
+    def points(self, sig_hash: str, env: str, family: str, /) -> dict[str, dict]: ...
+
+    def record(self, sig_hash: str, env: str, point: dict, stats: Stats, gpu_s: float = 0.0, /) -> None: ...
+
+    def record_skip(self, sig_hash: str, env: str, point: dict, reason: str, gpu_s: float = 0.0, /) -> None: ...
+
+    def finish_sweep(self, sig_hash: str, env: str, gpu_seconds: float, points: int, /) -> None: ...
+
+
 class Sweeper:
     """Measures signatures into the store, point by point."""
 
-    def __init__(self, store, env_name: str, backend: str, deadline: float, on_point=None, device: str = "cuda"):
+    def __init__(self, store: MeasurementSink, env_name: str, backend: str, deadline: float, on_point=None,
+                 device: str = "cuda"):
         self.store, self.env, self.backend, self.deadline = store, env_name, backend, deadline
         self.on_point, self.device = on_point or (lambda: None), device
         self.spread: dict[str, float] = {}  # point key -> p90 - min µs, for refinement
 
-    def point(self, module, sig, point: dict[str, int]) -> float | None:
+    def point(self, module, sig: Signature, point: dict[str, int]) -> float | None:
         """Median µs at a point, measuring it unless the store has it."""
         from .store import point_key
 
@@ -131,7 +147,7 @@ class Sweeper:
         self.on_point()
         return stats.median_us
 
-    def sweep(self, module, sig, limits: dict[str, int]) -> None:
+    def sweep(self, module, sig: Signature, limits: dict[str, int]) -> None:
         from .bench.sweep import initial_points, refine, refine_axis
         from .store import point_key
 
@@ -215,7 +231,6 @@ def run(args) -> int:
     from .bench.sweep import initial_points
     from .passes import codegen
     from .plan import signature_uses, sweep_limits
-    from .store import Store
 
     start = time.monotonic()
     store = Store(args.store)

@@ -1,6 +1,6 @@
 """`dooly validate --groundtruth DIR --store PATH`: Dooly's predictions against the engine's measured ground truth.
 
-Ground truth (`tools/validate.py` on the GPU) holds, per model and attention backend, request traces each served
+Ground truth (`dooly groundtruth` on the GPU) holds, per model and attention backend, request traces each served
 once to warm up and then repeatedly. Compared here:
 
 - step latency: the model forward's GPU time of every batch composition measured in at least `MIN_REPEATS`
@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import DoolyError, command
 from .limits import Limits, add_limit_argument, output_folder, parse_json, parse_limits, read_text
+from .store import Store
 
 MIN_REPEATS = 3
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,7 +181,7 @@ def check_traces(truth: dict, path: Path, limits: Limits, need) -> None:
                      "first_token")
 
 
-def validate_model(truth: dict, store, log=print, max_steps: int = Limits()["steps"]) -> Row:
+def validate_model(truth: dict, store: Store, log=print, max_steps: int = Limits()["steps"]) -> Row:
     from .compile import load_model
     from .predict import environment_name, load_predictor
     from .sim import ContinuousBatching, Knobs, Request, StepTime, simulate
@@ -274,8 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     limits = parse_limits(args.limit, LIMITS)
     plots_folder = output_folder(args.plots, "--plots") if args.plots else Path("out/validate")
-    from .store import Store
-
     files = sorted(args.groundtruth.glob("*/*.json"))
     if not files:
         raise DoolyError(f"{args.groundtruth}: no ground-truth files (<backend>/<model>.json)")

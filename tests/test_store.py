@@ -1,6 +1,7 @@
 """The SQLite latency store: schema, migrations, concurrent and crashing writers, bad files, export/import."""
 
 import hashlib
+import json
 import multiprocessing
 import os
 import signal
@@ -10,11 +11,12 @@ import sys
 import time
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, dooly, gpu_available
 
 from dooly.errors import DoolyError
 from dooly.passes.canonicalize import Signature
 from dooly.store import Environment, Stats, Store
+from dooly.store import cli as store_cli
 from dooly.store.portable import export, import_
 from dooly.store.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -208,3 +210,52 @@ def test_a_backend_environment_reads_every_point_the_machine_measured(tmp_path):
     assert len(store.measured_points("h100/cudnn")[gemm.hash]) == 4
     store.record(gemm.hash, "h100/cudnn", {"M": 1}, stats(9.0))  # its own measurements win
     assert list(store.measured_points("h100/cudnn")[gemm.hash].values())[0]["median_us"] == 9.0
+
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    """`dooly store recheck` as on a GPU, each point 'measured again' at 10 µs without running it: the devices
+    `measure` was asked for, one per point."""
+    import torch
+
+    from dooly.bench import timer
+
+    devices = []
+
+    def measure(make_inputs, run, device):
+        devices.append(device)
+        return timer.Timing([10.0] * 5, launches=1, copies=1, graph=True, wall_s=0.0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(timer, "measure", measure)
+    return devices
+
+
+def test_recheck_remeasures_a_seeded_sample_of_stored_points(shipped, tmp_path, fake_timer, capsys):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    for out in (first, second):
+        assert store_cli.main(["recheck", str(shipped), "--points", "4", "--seed", "3", "--out", str(out)]) == 0
+    rows = json.loads(first.read_text())
+    assert fake_timer == ["cuda"] * 8 and len(rows) == 4 and first.read_text() == second.read_text()
+    for row in rows:
+        assert set(row) == {"op", "point", "stored_us", "again_us", "deviation"} and row["again_us"] == 10.0
+        assert row["deviation"] == pytest.approx(abs(10.0 - row["stored_us"]) / row["stored_us"])
+    assert "4 points: median deviation" in capsys.readouterr().out
+
+
+def test_recheck_of_an_unknown_environment_is_one_error_line(shipped, fake_timer, capsys):
+    assert store_cli.main(["recheck", str(shipped), "--env", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("error: no environment 'nope'") and not fake_timer
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "CUDA GPU"),  # this machine has none
+    (["--points", "0"], "--points must be at least 1"),
+    (["--out", "/nonexistent/folder/rows.json"], "does not exist"),
+])
+def test_recheck_refuses_bad_input(shipped, args, message):
+    if gpu_available() and message == "CUDA GPU":
+        pytest.skip("this machine has a GPU to recheck on")
+    r = dooly("store", "recheck", shipped, *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

@@ -83,7 +83,7 @@ def test_moe_models_are_refused(shipped, tmp_path):
 @pytest.mark.skipif(not VIDUR_PYTHON.exists(), reason="no Vidur venv (.ci/run makes .venv-vidur)")
 def test_vidur_simulates_from_the_export(exported, tmp_path):
     out, _ = exported
-    r = subprocess.run([str(VIDUR_PYTHON), str(ROOT / "tools" / "run_vidur.py"), str(out), "--model", "qwen2.5-7b",
+    r = subprocess.run([str(VIDUR_PYTHON), str(ROOT / "tests" / "vidur_run.py"), str(out), "--model", "qwen2.5-7b",
                         "--requests", "24", "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])

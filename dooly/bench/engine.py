@@ -1,7 +1,7 @@
 """transformers' continuous-batching engine, run for real (random weights) and timed step by step.
 
 Used twice, on the GPU: to calibrate the engine's host-side time per step on small synthetic models (the
-per-environment host model of `dooly.predict`), and by `tools/validate.py` to record ground truth on zoo models.
+per-environment host model of `dooly.predict`), and by `dooly groundtruth` to record ground truth on zoo models.
 The engine runs its own loop in its own thread; hooks on its batch processor record, for every step, the batch
 composition and the time of each phase: `prepare_next_batch` (scheduling and input preparation on the host),
 the model forward (CUDA events on the engine's compute stream around `ModelRunner.compute_batch`), and

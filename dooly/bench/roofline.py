@@ -1,7 +1,7 @@
 """Work of a signature at a request point (FLOPs, bytes moved) and its roofline time on a GPU.
 
 Used where no measurement exists yet: to estimate what profiling will cost, and as a feature of the regressors.
-Ceilings are the H100's as measured here (KINDS.md: 798 TFLOP/s bf16 matmul, 3.0 TB/s device copy).
+Ceilings are the H100's as measured on the lent one (docs/findings.md).
 """
 
 from __future__ import annotations

@@ -9,14 +9,13 @@
     update  = a + b*R                                             reading the new tokens back
     step    = forward + g                                         the rest of the engine's generation step
 
-`p` is the median of the first calls `dooly.bench.host.first_calls` measured (cuDNN on the H100: 40-72 ms a
-shape), over all head configurations together, leaving out the calls that also compiled a kernel (0.6-2 s), which
-a serving process has long done. Pooled, because the cost is not the head configuration's: successive new shapes
-cost 40-45 ms or 60-75 ms in spells of tens of calls whatever the heads (`tools/attention_plan_cost.py`), so the
-few calls of one head configuration, made back to back, share a spell, and their cheapest is the floor of the
-spell, not the typical cost. Without first calls, the figure that comes out of the launch fit is used (the
-synthetic Gemma-2 has two attention shapes a step, the synthetic Llama one). Where attention builds no plans (the
-efficient and math kernels) both are near zero.
+`p` is the median of the first calls `dooly.bench.host.first_calls` measured, over all head configurations
+together, leaving out the calls that also compiled a kernel, which a serving process has long done. Pooled,
+because the cost is not the head configuration's: it comes in spells whatever the heads, so the few calls of one
+head configuration, made back to back, share a spell, and their cheapest is the floor of the spell, not the typical
+cost (docs/findings.md has the measurements). Without first calls, the figure that comes out of the launch fit is
+used (the synthetic Gemma-2 has two attention shapes a step, the synthetic Llama one). Where attention builds no
+plans (the efficient and math kernels) both are near zero.
 
 Kernel counts come from the IR of each synthetic calibration model, so the fitted costs carry over to any model
 through its own IR. Coefficients are least squares on the calibration medians, kept non-negative.

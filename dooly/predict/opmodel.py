@@ -28,6 +28,8 @@ import numpy as np
 
 from ..bench.roofline import ITEMSIZE, roofline_s, work
 from ..bench.sweep import refine_axis
+from ..passes.canonicalize import Signature
+from ..store import Store
 
 FAMILIES = ("gemm", "attention", "moe", "pointwise", "reduction", "memory")
 AXIS_FEATURES = ("M", "N", "T", "K", "q", "k", "R", "Kmax", "Tmax")
@@ -113,7 +115,7 @@ class OpModel:
     def __init__(self, grids: dict[str, Grid], regressors: dict, canonicals: dict[str, dict], cv: dict):
         self.grids, self.regressors, self.canonicals, self.cv = grids, regressors, canonicals, cv
 
-    def predict(self, sig, values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, str]:
+    def predict(self, sig: Signature, values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, str]:
         """(µs, beyond-the-grid flags, source) for one signature at many points."""
         grid = self.grids.get(sig.hash)
         if grid is not None:
@@ -127,7 +129,7 @@ class OpModel:
         return np.exp2(model.predict(np.array(rows))), np.zeros(n, dtype=bool), "regressor"
 
 
-def _measurements(store, env: str) -> tuple[dict, dict]:
+def _measurements(store: Store, env: str) -> tuple[dict, dict]:
     """signature -> [(point, median µs)] and signature -> (family, axes, canonical), for `env`."""
     data = store.measured_points(env)
     sigs = {}
@@ -270,7 +272,7 @@ def load(folder: Path, stamp: str) -> OpModel | None:
         return None
 
 
-def load_or_fit(store, env: str, refit: bool = False) -> tuple[OpModel, bool]:
+def load_or_fit(store: Store, env: str, refit: bool = False) -> tuple[OpModel, bool]:
     """The fitted model of `env`: from disk if it was fitted on exactly the store's current measurements, else
     fitted now and saved."""
     rows, sigs = _measurements(store, env)

@@ -30,6 +30,7 @@ import numpy as np
 from ..bench.roofline import LAUNCH_S, work
 from ..errors import DoolyError, command
 from ..passes.canonicalize import Signature, _make
+from ..store import Store
 from ..store.db import BACKEND_FAMILIES, now, point_key
 from .opmodel import AXIS_FEATURES, FAMILIES
 
@@ -218,7 +219,7 @@ def _by_family(candidates: list[Candidate]) -> dict[str, list[int]]:
     return out
 
 
-def resolve_environment(store, name: str) -> str:
+def resolve_environment(store: Store, name: str) -> str:
     """An environment named in full, or by its `dooly profile --backend` name (sdpa, sdpa-efficient, ...)."""
     from ..profile import BACKENDS
     from .step import environment_name
@@ -237,7 +238,7 @@ def target_signature(info: dict, target_backend: str) -> Signature:
     return Signature(info["hash"], info["family"], tuple(info["axes"]), canonical)
 
 
-def candidates(store, source: str, target_backend: str, swept: set[str] = frozenset()) -> tuple[list[Candidate],
+def candidates(store: Store, source: str, target_backend: str, swept: set[str] = frozenset()) -> tuple[list[Candidate],
                                                                                                  dict]:
     """Every measured point of `source` whose target signature is not in `swept` (those with a finished sweep
     usable in the target), and the target signatures by hash."""
@@ -255,7 +256,7 @@ def candidates(store, source: str, target_backend: str, swept: set[str] = frozen
     return out, signatures
 
 
-def target_rows(store, target: str, cands: list[Candidate]) -> dict[tuple[str, str], dict]:
+def target_rows(store: Store, target: str, cands: list[Candidate]) -> dict[tuple[str, str], dict]:
     """(target signature, point key) -> the target environment's own row there, for the candidates' signatures."""
     env_id, _ = store.environment(target)
     wanted = {c.target for c in cands}
@@ -282,7 +283,7 @@ class Plan:
         return sum(self.candidates[i].source_gpu_s for i in indices)
 
 
-def plan(store, source: str, target: str, fraction: float = 0.1, seed: int = 0, target_gpu: str | None = None,
+def plan(store: Store, source: str, target: str, fraction: float = 0.1, seed: int = 0, target_gpu: str | None = None,
          rehearsal: bool = False) -> Plan:
     """The points to carry from `source` to `target` and the calibration points among them. The target may be
     an environment not in the store yet when `target_gpu` names its GPU. A rehearsal keeps only the points the
@@ -319,7 +320,7 @@ def _errors(predicted: np.ndarray, measured: np.ndarray) -> dict:
     return {"mape": float(e.mean()), "p90": float(np.percentile(e, 90))}
 
 
-def rehearse(store, p: Plan) -> dict:
+def rehearse(store: Store, p: Plan) -> dict:
     """Transfer from the calibration points alone and score it on every other point the target measured, next
     to copying the source's latency; with what the calibration cost against the target's full sweep."""
     rows = target_rows(store, p.target, p.candidates)
@@ -341,7 +342,7 @@ def rehearse(store, p: Plan) -> dict:
             "full_gpu_s": float(sum(spent))}
 
 
-def apply(store, p: Plan) -> dict:
+def apply(store: Store, p: Plan) -> dict:
     """Fit the ratio model on every candidate the target measured itself (the calibration points at least) and
     write the others into the target as 'transferred' rows; a row the target measured (or skipped) is never
     replaced, a transferred one is replaced by the new transfer."""
@@ -408,8 +409,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points-out", type=Path, help="with --dry-run: write the calibration points as JSON lines")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    from ..store import Store
-
     if args.gpu and not args.dry_run:
         raise DoolyError("--gpu is for a --dry-run only: a transfer writes into an environment of the store")
     store = Store(args.store, create=False)

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import ModelConfig
 from ..errors import DoolyError, command
 from ..limits import add_limit_argument, output_folder, parse_limits
 from . import workload
@@ -24,7 +25,7 @@ from . import workload
 LIMITS = (*workload.LIMITS, "tokens-per-step", "requests-per-step", "steps")
 
 
-def warn_beyond_context(requests: list, cfg) -> None:
+def warn_beyond_context(requests: list, cfg: ModelConfig) -> None:
     """One warning line for the requests whose prompt and output run past the model's context: the engine serves
     them, a model was not trained for them."""
     context = cfg.data.get("max_position_embeddings")

@@ -16,6 +16,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 
+from ..config import ModelConfig
 from ..errors import DoolyError
 
 
@@ -85,7 +86,7 @@ class BlockPool:
             self.queue[b] = None
 
 
-def block_bytes(cfg, block_size: int = 16, dtype_bytes: int = 2) -> int:
+def block_bytes(cfg: ModelConfig, block_size: int = 16, dtype_bytes: int = 2) -> int:
     """Bytes of one block in one layer: keys and values of `block_size` tokens (`FullAttentionSpec.page_size_bytes`)."""
     d = cfg.data
     heads = d["num_attention_heads"]
@@ -94,9 +95,9 @@ def block_bytes(cfg, block_size: int = 16, dtype_bytes: int = 2) -> int:
     return 2 * block_size * kv_heads * head_dim * dtype_bytes
 
 
-def num_gpu_blocks(cfg, gpu_bytes: int, weight_bytes: int, activation_peak_bytes: int = 0, non_torch_bytes: int = 0,
-                   cudagraph_bytes: int = 0, gpu_memory_utilization: float = 0.9, block_size: int = 16,
-                   dtype_bytes: int = 2) -> int:
+def num_gpu_blocks(cfg: ModelConfig, gpu_bytes: int, weight_bytes: int, activation_peak_bytes: int = 0,
+                   non_torch_bytes: int = 0, cudagraph_bytes: int = 0, gpu_memory_utilization: float = 0.9,
+                   block_size: int = 16, dtype_bytes: int = 2) -> int:
     """The `num_gpu_blocks` vLLM resolves for the model of `cfg` (a `dooly.config.ModelConfig`) on one GPU of
     `gpu_bytes`: the requested share of the GPU, less the weights, the profiling run's activation peak, memory
     outside torch's allocator and the CUDA graphs' estimate, in blocks of all layers.

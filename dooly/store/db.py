@@ -18,9 +18,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import DoolyError
 from .schema import MIGRATIONS, SCHEMA_VERSION, TABLES, columns, table_columns
+
+if TYPE_CHECKING:  # the store reads signatures, never builds them: sympy stays out of `dooly store info`
+    from ..passes.canonicalize import Signature
 
 BACKEND_FAMILIES = {"attention"}  # families whose kernel depends on the attention backend
 
@@ -287,7 +291,7 @@ class Store:
 
     # signatures and measurements
 
-    def add_signature(self, sig) -> None:
+    def add_signature(self, sig: Signature) -> None:
         with self.transaction():
             self.db.execute("INSERT OR IGNORE INTO signatures (hash, op, family, axes, canonical) VALUES (?,?,?,?,?)",
                             (sig.hash, sig.op, sig.family, json.dumps(list(sig.axes)),

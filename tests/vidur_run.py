@@ -1,9 +1,10 @@
-"""Run Vidur (PyPI `vidur` 0.0.26, in its own venv) on profiling files that `dooly export-vidur` wrote.
+"""Run Vidur (PyPI `vidur` 0.0.26, in its own venv) on profiling files that `dooly export-vidur` wrote: the helper
+`tests/test_vidur.py` runs with Vidur's Python (it imports nothing of Dooly's or of the tests').
 
-    .venv-vidur/bin/python tools/run_vidur.py out/vidur --model llama-3.1-8b --requests 64 --out out/vidur-run
+    .venv-vidur/bin/python tests/vidur_run.py out/vidur --model llama-3.1-8b --requests 64 --out out/vidur-run
 
 Vidur 0.0.26 reads its profiles from Hugging Face datasets (a folder with `config.json`, `mlp.csv.xz`,
-`attention.csv.xz`) and knows models by registered name. This script makes such a folder from the export, registers
+`attention.csv.xz`) and knows models by registered name. This makes such a folder from the export, registers
 the exported model's dimensions under its own name, points Vidur's dataset download at the local folders (no
 network), and runs one simulation: one replica, TP=1, no pipeline, Poisson arrivals of fixed-length requests.
 It prints a JSON line with what Vidur reported.
