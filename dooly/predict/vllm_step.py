@@ -114,7 +114,7 @@ class HostFloor:
 class StepModel:
     """A model's vLLM step, every use bound to its measured curve."""
 
-    terms: list[tuple[str, int, object, dict]]  # (kind, count, curve, binding), kind: padded, attention or rows
+    terms: list[tuple[str, int, Curve | AttentionCurve, dict]]  # (kind, count, curve, binding): padded, attention, rows
     host: dict[int, HostFloor]  # by the depth of the model it was measured on
     layers: int
 
@@ -123,7 +123,7 @@ class StepModel:
         p = padded(t)
         total = 0.0
         for kind, count, curve, binding in self.terms:
-            if kind == "attention":
+            if isinstance(curve, AttentionCurve):
                 total += count * curve(batch)
             else:
                 values = {"T": p, "R": r} if kind == "padded" else {"T": t, "R": r}
@@ -178,7 +178,7 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
     from ..passes.pieces import piece_uses
 
     env = vllm_environment(store, backend)
-    terms = []
+    terms: list[tuple[str, int, Curve | AttentionCurve, dict]] = []
     for use in piece_uses(graph, backend):
         sig = use.signature
         points = _medians(store, env, sig)
@@ -186,22 +186,22 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
             raise DoolyError(f"{graph.model}: {sig.family} signature {sig.hash} ({sig.op}) has no measurement in "
                              f"{env}: dooly profile --engine vllm --backend {backend} measures it")
         if sig.op in ATTENTION_OPS:
-            rows = {(p["R"], p["q"], p["c"]): us for p, us in ((json.loads(k), v) for k, v in points.items())}
-            terms.append(("attention", use.count, AttentionCurve(rows), {}))
+            batches = {(p["R"], p["q"], p["c"]): us for p, us in ((json.loads(k), v) for k, v in points.items())}
+            terms.append(("attention", use.count, AttentionCurve(batches), {}))
             continue
         (axis,) = sig.axes
         xs, ys = zip(*sorted(_as_run(points, axis).items()))
         inside = sig.family == "piece" or graph.ops[use.op_index].scope.startswith("model.")
         terms.append(("padded" if inside else "rows", use.count, Curve(xs, ys), use.binding))
-    rows: dict[int, dict[str, list]] = {}
+    floors: dict[int, dict[str, list]] = {}
     for row in store.host(env):
         if row["phase"] == HOST_PHASE:
             point = row["point"]
             t, r = point["T"], point["R"]
             kind = "decode" if t == r else "prefill" if r == 1 else "mixed"
-            rows.setdefault(point.get("layers", CALIBRATION_DEPTH), {}).setdefault(kind, []).append(
+            floors.setdefault(point.get("layers", CALIBRATION_DEPTH), {}).setdefault(kind, []).append(
                 (r if t == r else t, row["median_us"]))
     curve = lambda v: Curve(*zip(*sorted(v))) if v else None  # noqa: E731
     host = {depth: HostFloor(curve(k.get("decode")), curve(k.get("prefill")), curve(k.get("mixed")))
-            for depth, k in rows.items()}
+            for depth, k in floors.items()}
     return StepModel(terms, host, graph.meta.get("layers", 1))
