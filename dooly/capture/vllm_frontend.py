@@ -369,7 +369,6 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, 
         try:
             model = build_model(vc, symbols.fake_mode)
         except Exception as e:
-            raise  # DEBUG
             raise DoolyError(f"{cfg.name}: vLLM cannot build this model: {type(e).__name__}: {e}") from None
 
     # The step's inputs, as the runner keeps them on the device
