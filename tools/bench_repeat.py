@@ -21,9 +21,10 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     from dooly.bench.timer import measure
+    from dooly.environment import BACKENDS, DEFAULT_BACKEND, backend_name, sdpa_context
     from dooly.passes import codegen
     from dooly.passes.canonicalize import Signature
-    from dooly.profile import BACKENDS, backend_context, load
+    from dooly.profile import load
     from dooly.store import Store
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,7 +36,7 @@ def main() -> int:
     args = parser.parse_args()
     store = Store(args.store)
     env = store.environment(args.env or store.environments()[0].name)[1]
-    backend = next(b for b, (name, *_) in BACKENDS.items() if name == env.attention_backend)
+    backend = BACKENDS[backend_name(env.attention_backend)]
     rows = store.db.execute(
         "SELECT m.signature, m.point, m.median_us, g.family, g.axes, g.canonical FROM measurements m JOIN signatures g"
         " ON g.hash = m.signature JOIN environments e ON e.id = m.environment WHERE e.name = ? AND m.status = 'ok'",
@@ -46,7 +47,7 @@ def main() -> int:
         sig = Signature(r["signature"], r["family"], tuple(json.loads(r["axes"])), json.loads(r["canonical"]))
         module = load(codegen.write([sig], folder)[sig.hash])
         point = json.loads(r["point"])
-        with backend_context(backend) if sig.family == "attention" else backend_context("sdpa"):
+        with sdpa_context(backend if sig.family == "attention" else DEFAULT_BACKEND):
             again = measure(lambda: module.make_inputs(point, "cuda"), module.run, "cuda").stats().median_us
         out.append({"op": sig.op, "point": point, "stored_us": r["median_us"], "again_us": again,
                     "deviation": abs(again - r["median_us"]) / r["median_us"]})

@@ -56,11 +56,11 @@ def warm_engine(config: dict, **options):
 
 def run_model(name: str, backend: str, graphs: bool, repeats: int, log, only: tuple[str, ...] = ()) -> dict:
     from dooly.bench.engine import zoo
-    from dooly.profile import BACKENDS, detect_environment
+    from dooly.environment import BACKENDS, detect
 
     layers = REDUCED_DEPTH.get(name)
     result = {"model": name, "layers": layers, "backend": backend, "cuda_graphs": graphs,
-              "environment": dataclasses.asdict(detect_environment(backend if backend in BACKENDS else "sdpa")),
+              "environment": dataclasses.asdict(detect(BACKENDS.get(backend, BACKENDS["sdpa"]))),
               "traces": {}}
     with warm_engine(zoo(name), layers=layers, cb={"use_cuda_graph": True} if graphs else {},
                      sdpa_kernel=SDPA_KERNELS[backend]) as engine:

@@ -18,6 +18,8 @@ import json
 import statistics
 import time
 
+from ..environment import BACKENDS, Backend, detect, sdpa_context
+
 SYNTHETIC = {  # a Llama and a Gemma-2 in miniature: same code paths, negligible GPU work
     "llama": {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
               "num_key_value_heads": 2, "vocab_size": 4096, "max_position_embeddings": 65536},
@@ -95,15 +97,13 @@ def first_call_us(heads: int, head_dim: int, t: int, k: int) -> float:
     return (times[0] - statistics.median(times[1:])) * 1e6
 
 
-def first_calls(store, env_name: str, backend: str, shapes: int = 6) -> int:
+def first_calls(store, env_name: str, backend: Backend, shapes: int = 6) -> int:
     """Host time of an attention call at a shape the process has not seen, above its steady time.
 
     cuDNN's attention builds an execution plan for every new shape, and a serving step nearly always brings a new
     (T, K): each step pays it once per attention shape. Measured per head count and head size of the store's
     attention signatures, at decode-like and prefill-like shapes."""
     import random
-
-    from ..profile import backend_context
 
     rng, rows, seen = random.Random(0), 0, set()
     sigs = store.db.execute("SELECT canonical FROM signatures WHERE family = 'attention'").fetchall()
@@ -116,7 +116,7 @@ def first_calls(store, env_name: str, backend: str, shapes: int = 6) -> int:
         for i in range(shapes):
             t = rng.randint(1, 64) if i % 2 == 0 else rng.randint(300, 3000)
             k = t + rng.randint(1000, 30000)
-            with backend_context(backend):
+            with sdpa_context(backend):
                 extra = first_call_us(heads, dim, t, k)
             store.record_host(env_name, "attention_first_call", {"heads": heads, "head_dim": dim, "T": t, "K": k},
                               extra, extra, 1)
@@ -127,7 +127,6 @@ def first_calls(store, env_name: str, backend: str, shapes: int = 6) -> int:
 def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
-    from ..profile import BACKENDS, detect_environment
     from ..store import Store
 
     parser = argparse.ArgumentParser(prog="python -m dooly.bench.host", description=__doc__.splitlines()[0])
@@ -137,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     args = parser.parse_args(argv)
     store = Store(args.store)
-    env = store.add_environment(detect_environment(args.backend))
-    rows = calibrate(store, env.name, budget_s=args.budget_s, models=args.models, sdpa_kernel=BACKENDS[args.backend][1])
-    rows += first_calls(store, env.name, args.backend)
+    chosen = BACKENDS[args.backend]
+    env = store.add_environment(detect(chosen))
+    rows = calibrate(store, env.name, budget_s=args.budget_s, models=args.models, sdpa_kernel=chosen.sdpa_kernel)
+    rows += first_calls(store, env.name, chosen)
     print(f"recorded {rows} host rows for {env.name}")
     return 0
 

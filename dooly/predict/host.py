@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..environment import MATH
+
 
 @dataclass
 class HostModel:
@@ -96,7 +98,7 @@ VIEWS = {"aten.view", "aten.expand", "aten.transpose", "aten._unsafe_view", "ate
 def attention_launches(backend: str) -> int:
     """Kernels one attention call launches: one for a fused kernel; torch's math kernel is a decomposition into
     casts, scaling, two batched GEMMs and a softmax, counted here by running it on the CPU (views launch nothing)."""
-    if backend != "paged|sdpa:math":
+    if backend != MATH:
         return 1
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
