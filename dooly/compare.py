@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         blocks = args.num_blocks
         if blocks is None:
             from .config import load_config
-            from .sim.engine import cache_size
+            from .sim.transformers_cache import cache_size
 
             blocks = cache_size(load_config(args.config), max_batch_tokens=8192).num_blocks
         outcomes = [serve(p, requests, blocks) for p in predictors]

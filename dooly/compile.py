@@ -51,7 +51,9 @@ def _source_digest() -> str:
     """Digest of the code that decides the IR: a change to it invalidates every cached IR."""
     h = hashlib.sha256()
     pkg = Path(__file__).resolve().parent
-    for path in sorted([pkg / "config.py", *pkg.glob("capture/*.py"), *pkg.glob("ir/*.py"), *pkg.glob("passes/*.py")]):
+    sources = [pkg / "config.py", pkg / "transformers_engine.py", *pkg.glob("capture/*.py"), *pkg.glob("ir/*.py"),
+               *pkg.glob("passes/*.py")]
+    for path in sorted(sources):
         h.update(path.read_bytes())
     return h.hexdigest()
 

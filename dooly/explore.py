@@ -66,7 +66,7 @@ def build(args, grid: dict) -> tuple[search.Setting, list[search.Config], str]:
     from .compile import cached_compile
     from .config import load_config
     from .predict import load_predictor
-    from .sim.engine import cache_size
+    from .sim.transformers_cache import cache_size
 
     cfg = load_config(args.config)
     requests = workload.load_trace(args.workload) if args.workload else workload.synthetic(args.synthetic, args.seed)

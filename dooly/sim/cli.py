@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         summary,
         synthetic,
     )
-    from .engine import H100_BYTES, cache_size, weight_bytes
+    from .transformers_cache import H100_BYTES, cache_size, weight_bytes
     from .vllm_cache import num_gpu_blocks
 
     requests = load_trace(args.trace, limits) if args.trace else synthetic(args.synthetic, args.seed, limits)
