@@ -18,33 +18,12 @@ from .config import MAX_LAYERS, ModelConfig, load_config
 from .errors import DoolyError, command
 from .ir import Graph, dumps
 from .ir.graph import IRError
-from .passes.collapse import collapse
-from .passes.taint import AttributionError, taint
+from .passes.pipeline import compile_model
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "golden"
 ZOO = ROOT / "configs"
 HEADER = "Dooly IR of one serving step. Regenerate: python -m dooly.compile --update-golden"
-
-
-def compile_model(cfg: ModelConfig, frontend: str = "transformers", dtype: str = "bf16", tp: int = 1) -> Graph:
-    from .capture import capture
-
-    if tp < 1:
-        raise DoolyError(f"--tp must be a positive integer, got {tp}")
-    if tp > 1 and frontend != "transformers":
-        raise DoolyError("tensor parallelism is captured with the transformers frontend only (its TP plan)")
-    captured = capture(cfg, frontend=frontend, dtype=dtype)
-    try:
-        graph = collapse(taint(captured.graph, captured.perturbed))
-    except AttributionError as e:
-        raise DoolyError(f"{cfg.name}: {e}") from None
-    if tp == 1:
-        return graph
-    from .capture.transformers_cb import tp_plan
-    from .passes.shard import shard
-
-    return shard(graph, tp, tp_plan(cfg))
 
 
 def _source_digest() -> str:

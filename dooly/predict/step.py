@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..bench.kernels import KernelCount, attention_keys
 from ..errors import DoolyError
 from ..ir.expr import evaluator, names
 from ..ir.graph import Graph
 from ..limits import Limits
 from ..passes.canonicalize import Signature, uses
-from .host import HostModel, KernelCount, attention_keys
+from .host import HostModel
 from .opmodel import Extrapolation, OpModel
 
 
