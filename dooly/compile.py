@@ -20,9 +20,8 @@ from .ir import Graph, dumps
 from .ir.graph import IRError
 from .passes.pipeline import compile_model
 
-ROOT = Path(__file__).resolve().parent.parent
-GOLDEN = ROOT / "golden"
-ZOO = ROOT / "configs"
+GOLDEN = Path("golden")  # --update-golden runs in a checkout: its golden IRs and its zoo
+ZOO = Path("configs")
 HEADER = "Dooly IR of one serving step. Regenerate: python -m dooly.compile --update-golden"
 
 
@@ -146,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-layers", type=int, default=MAX_LAYERS,
                         help=f"refuse a config of more decoder layers (default {MAX_LAYERS})")
     parser.add_argument("--update-golden", action="store_true",
-                        help="regenerate golden/<model>.ir for the given configs (default: the whole zoo)")
+                        help="regenerate golden/<model>.ir in this folder (a checkout) for the given configs "
+                             "(default: its configs/*.json)")
     args = parser.parse_args(argv)
     if args.update_golden:
         update_golden(args.config or sorted(ZOO.glob("*.json")))

@@ -4,17 +4,17 @@ Regenerate with `python -m dooly.compile --update-golden` and say in the commit 
 """
 
 import pytest
-from helpers import ZOO, zoo_graph
+from helpers import ROOT, ZOO, zoo_graph
 
-from dooly.compile import GOLDEN, HEADER
+from dooly.compile import HEADER
 from dooly.ir import dumps
 
 
 def test_every_zoo_model_has_a_golden_dump():
-    assert sorted(p.stem for p in GOLDEN.glob("*.ir")) == ZOO
+    assert sorted(p.stem for p in (ROOT / "golden").glob("*.ir")) == ZOO
 
 
 @pytest.mark.parametrize("name", ZOO)
 def test_ir_matches_golden(name):
-    expected = (GOLDEN / f"{name}.ir").read_text()
+    expected = (ROOT / "golden" / f"{name}.ir").read_text()
     assert dumps(zoo_graph(name), HEADER) == expected

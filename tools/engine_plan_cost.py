@@ -25,8 +25,8 @@ BACKENDS = {"default": None, "efficient": "EFFICIENT_ATTENTION"}
 
 
 def model(spec: str) -> tuple[dict, int | None]:
-    from dooly.bench.engine import zoo
     from dooly.bench.host import synthetic
+    from tools.validate import zoo
 
     if spec.startswith("tiny"):
         config = synthetic("llama", 1)

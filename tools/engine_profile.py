@@ -57,9 +57,7 @@ def profile_trace(engine, requests, top: int) -> dict:
 
 
 def main():
-    from validate import model_traces, warm_engine
-
-    from dooly.bench.engine import zoo
+    from validate import model_traces, warm_engine, zoo
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)

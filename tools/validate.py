@@ -33,8 +33,12 @@ SDPA_KERNELS = {"sdpa": None, "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cud
                 "sdpa-math": "MATH"}
 
 
+def zoo(name: str) -> dict:
+    """A zoo model's config.json."""
+    return json.loads((ROOT / "configs" / f"{name}.json").read_text())
+
+
 def model_traces(name: str) -> dict[str, list[tuple[float, int, int]]]:
-    from dooly.bench.engine import zoo
     from dooly.bench.traces import traces
 
     return traces(zoo(name).get("max_position_embeddings", 32768))
@@ -55,7 +59,6 @@ def warm_engine(config: dict, **options):
 
 
 def run_model(name: str, backend: str, graphs: bool, repeats: int, log, only: tuple[str, ...] = ()) -> dict:
-    from dooly.bench.engine import zoo
     from dooly.environment import BACKENDS, detect
 
     layers = REDUCED_DEPTH.get(name)
