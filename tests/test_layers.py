@@ -19,7 +19,7 @@ RANKS = {
 }
 # Commands: they may import anything, and nothing in the pipeline may import them.
 DRIVERS = {"dooly.__main__", "dooly.cli", "dooly.compile", "dooly.profile", "dooly.plan", "dooly.validate",
-           "dooly.compare", "dooly.explore", "dooly.ray_backend"}
+           "dooly.compare", "dooly.explore", "dooly.ray_backend", "dooly.vllm_profile"}
 
 
 def module_name(path) -> str:
