@@ -13,7 +13,7 @@ COMMANDS = {
     "predict": ("dooly.predict.cli:predict_main", "predicted latency of engine steps, op by op"),
     "simulate": ("dooly.sim.cli", "serve a request trace or synthetic workload in the simulated engine"),
     "explore": ("dooly.explore", "search engine configurations for the best throughput per GPU under latency SLOs"),
-    "export-vidur": ("dooly.sim.vidur", "write Vidur's profiling CSVs for a model from Dooly's predictions"),
+    "export-vidur": ("dooly.sim.cli:vidur_main", "write Vidur's profiling CSVs for a model from Dooly's predictions"),
     "groundtruth": ("dooly.bench.cli:groundtruth_main", "record, on a GPU, the engine serving the validation traces"),
     "validate": ("dooly.validate", "Dooly's predictions against the engine's measured ground truth"),
     "transfer": ("dooly.predict.transfer", "carry a store to a new GPU or environment from a few calibration points"),

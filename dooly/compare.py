@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_blocks is not None and args.num_blocks <= 0:
         raise DoolyError("--num-blocks must be positive")
     from .compile import load_model
+    from .environment import resolve_environment
     from .predict import load_predictor
     from .predict.cli import parse_batch
-    from .predict.transfer import resolve_environment
     from .sim import load_trace, summary, synthetic
     from .store import Store
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         blocks = args.num_blocks
         if blocks is None:
             from .config import load_config
-            from .sim.engine import cache_size
+            from .sim.transformers_cache import cache_size
 
             blocks = cache_size(load_config(args.config), max_batch_tokens=8192).num_blocks
         outcomes = [serve(p, requests, blocks) for p in predictors]

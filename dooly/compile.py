@@ -18,40 +18,20 @@ from .config import MAX_LAYERS, ModelConfig, load_config
 from .errors import DoolyError, command
 from .ir import Graph, dumps
 from .ir.graph import IRError
-from .passes.collapse import collapse
-from .passes.taint import AttributionError, taint
+from .passes.pipeline import compile_model
 
-ROOT = Path(__file__).resolve().parent.parent
-GOLDEN = ROOT / "golden"
-ZOO = ROOT / "configs"
+GOLDEN = Path("golden")  # --update-golden runs in a checkout: its golden IRs and its zoo
+ZOO = Path("configs")
 HEADER = "Dooly IR of one serving step. Regenerate: python -m dooly.compile --update-golden"
-
-
-def compile_model(cfg: ModelConfig, frontend: str = "transformers", dtype: str = "bf16", tp: int = 1) -> Graph:
-    from .capture import capture
-
-    if tp < 1:
-        raise DoolyError(f"--tp must be a positive integer, got {tp}")
-    if tp > 1 and frontend != "transformers":
-        raise DoolyError("tensor parallelism is captured with the transformers frontend only (its TP plan)")
-    captured = capture(cfg, frontend=frontend, dtype=dtype)
-    try:
-        graph = collapse(taint(captured.graph, captured.perturbed))
-    except AttributionError as e:
-        raise DoolyError(f"{cfg.name}: {e}") from None
-    if tp == 1:
-        return graph
-    from .capture.transformers_cb import tp_plan
-    from .passes.shard import shard
-
-    return shard(graph, tp, tp_plan(cfg))
 
 
 def _source_digest() -> str:
     """Digest of the code that decides the IR: a change to it invalidates every cached IR."""
     h = hashlib.sha256()
     pkg = Path(__file__).resolve().parent
-    for path in sorted([pkg / "config.py", *pkg.glob("capture/*.py"), *pkg.glob("ir/*.py"), *pkg.glob("passes/*.py")]):
+    sources = [pkg / "config.py", pkg / "transformers_engine.py", *pkg.glob("capture/*.py"), *pkg.glob("ir/*.py"),
+               *pkg.glob("passes/*.py")]
+    for path in sorted(sources):
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -165,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-layers", type=int, default=MAX_LAYERS,
                         help=f"refuse a config of more decoder layers (default {MAX_LAYERS})")
     parser.add_argument("--update-golden", action="store_true",
-                        help="regenerate golden/<model>.ir for the given configs (default: the whole zoo)")
+                        help="regenerate golden/<model>.ir in this folder (a checkout) for the given configs "
+                             "(default: its configs/*.json)")
     args = parser.parse_args(argv)
     if args.update_golden:
         update_golden(args.config or sorted(ZOO.glob("*.json")))

@@ -156,6 +156,16 @@ def build(model_type: str, data: dict, where: str):
         logging.set_verbosity(verbosity)
 
 
+def hf_config(cfg: ModelConfig, **overrides):
+    """The transformers config object of a model, `head_dim` named where the class derives it."""
+    config = build(cfg.model_type, {**cfg.data, **overrides}, cfg.name)
+    if getattr(config, "head_dim", None) is None:
+        # The models read `getattr(config, "head_dim", hidden_size // num_attention_heads)`; naming it makes it a
+        # field of its own, which the taint pass can recover where rotary embeddings pin it to a number.
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    return config
+
+
 def first_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")

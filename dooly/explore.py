@@ -23,24 +23,20 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from .environment import GPU_BYTES, backend_name, gpu_of
 from .errors import DoolyError, command
 from .sim import explore as search
 from .sim import workload
 from .store import Environment, Store
 
-GPU_BYTES = {"NVIDIA H100 80GB HBM3": 81559 * 2**20, "NVIDIA H200": 143771 * 2**20}  # nvidia-smi's totals
-
 
 def deployments(store_paths: list[Path], grid: dict) -> dict[tuple[str, str, str], tuple]:
     """(gpu, engine, backend) -> (store, environment) for each environment of the stores that the grid asks for."""
-    from .profile import BACKENDS
-
-    backend_of = {attention: name for name, (attention, _, _) in BACKENDS.items()}
     found: dict[tuple[str, str, str], tuple] = {}
     for path in store_paths:
         store = Store(path, create=False)
         for env in store.environments():
-            key = (env.name.split("/")[0], env.engine, backend_of.get(env.attention_backend, env.attention_backend))
+            key = (gpu_of(env), env.engine, backend_name(env.attention_backend))
             if key in found:
                 raise DoolyError(f"{found[key][0].path} and {path} both hold {'/'.join(key)}: give one of them")
             found[key] = (store, env)
@@ -69,7 +65,7 @@ def build(args, grid: dict) -> tuple[search.Setting, list[search.Config], str]:
     from .compile import cached_compile
     from .config import load_config
     from .predict import load_predictor
-    from .sim.engine import cache_size
+    from .sim.transformers_cache import cache_size
 
     cfg = load_config(args.config)
     requests = workload.load_trace(args.workload) if args.workload else workload.synthetic(args.synthetic, args.seed)

@@ -20,13 +20,12 @@ from pathlib import Path
 from .bench.roofline import REFINED_SHARE, point_cost_s
 from .bench.sweep import axis_limit, initial_points
 from .compile import load_model
+from .environment import DEFAULT_BACKEND
 from .errors import command
 from .ir import Graph
 from .limits import output_file
 from .passes.canonicalize import Signature, uses
 from .passes.dedup import dedup
-
-DEFAULT_BACKEND = "paged|sdpa"
 
 
 def step_uses(graph: Graph, backend: str, exact: bool = False) -> list:
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         _, env = store.environment(args.env)
         backend, measured = env.attention_backend, store.measured(args.env)
     else:
-        backend, measured = DEFAULT_BACKEND, {}
+        backend, measured = DEFAULT_BACKEND.attention, {}
     rows, dooly_s, baseline_s = plan(graphs, backend, measured)
     saving = 1 - dooly_s / baseline_s if baseline_s else 0.0
     if args.json:

@@ -13,68 +13,24 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Protocol
 
 from .bench.sweep import ATTENTION_WORK
+from .environment import BACKENDS, DEFAULT_BACKEND, Backend, backend, detect, sdpa_context
 from .errors import DoolyError, command
 from .limits import output_file, output_folder
 from .passes.canonicalize import Signature
 from .store import Stats, Store
 
-# backend name -> (the environment's attention_backend, the SDPA kernel it forces (None: torch chooses), the T*K
-# bound of attention sweeps). On the H100 with torch 2.11, torch picks cuDNN for the engine's masked call; flash
-# attention refuses a float mask; the math kernel is ~17x slower than cuDNN, so its sweep stops earlier.
-BACKENDS = {
-    "sdpa": ("paged|sdpa", None, ATTENTION_WORK),
-    "sdpa-efficient": ("paged|sdpa:efficient", "EFFICIENT_ATTENTION", ATTENTION_WORK),
-    "sdpa-cudnn": ("paged|sdpa:cudnn", "CUDNN_ATTENTION", ATTENTION_WORK),
-    "sdpa-math": ("paged|sdpa:math", "MATH", ATTENTION_WORK >> 4),
-    "sdpa-flash": ("paged|sdpa:flash", "FLASH_ATTENTION", ATTENTION_WORK),
-}
 ROUTINGS = (0, 1)  # expert GEMMs: tokens spread evenly over experts, and skewed
 
 
-def backend_context(backend: str):
-    kernel = BACKENDS[backend][1]
-    if kernel is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([getattr(SDPBackend, kernel)])
-
-
-def _nvidia_smi(query: str) -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-
-
-def detect_environment(backend: str, dtype: str = "bf16"):
-    import torch
-    import transformers
-    import triton
-
-    from .capture.transformers_cb import BLOCK_SIZE
-    from .store import Environment
-
-    gpu = torch.cuda.get_device_name()
-    cc = "{}.{}".format(*torch.cuda.get_device_capability())
-    attention = BACKENDS[backend][0]
-    name = (f"{gpu.replace('NVIDIA ', '').replace(' ', '-').lower()}/torch-{torch.__version__}/"
-            f"transformers-{transformers.__version__}/{dtype}/{attention}")
-    clocks = {"sm_mhz_max": _nvidia_smi("clocks.max.sm"), "mem_mhz_max": _nvidia_smi("clocks.max.memory"),
-              "power_limit": _nvidia_smi("power.limit")}
-    return Environment(name=name, gpu=gpu, compute_capability=cc, driver=_nvidia_smi("driver_version"),
-                       cuda=str(torch.version.cuda), torch=torch.__version__, triton=triton.__version__,
-                       engine="transformers-cb", engine_version=transformers.__version__, dtype=dtype,
-                       kv_cache_dtype=dtype, block_size=BLOCK_SIZE, attention_backend=attention, extra=clocks)
+def attention_work(backend: Backend) -> int:
+    """The T*K bound of the backend's attention sweeps."""
+    return ATTENTION_WORK // backend.sweep_divisor
 
 
 def load(path: Path):
@@ -103,7 +59,7 @@ class MeasurementSink(Protocol):
 class Sweeper:
     """Measures signatures into the store, point by point."""
 
-    def __init__(self, store: MeasurementSink, env_name: str, backend: str, deadline: float, on_point=None,
+    def __init__(self, store: MeasurementSink, env_name: str, backend: Backend, deadline: float, on_point=None,
                  device: str = "cuda"):
         self.store, self.env, self.backend, self.deadline = store, env_name, backend, deadline
         self.on_point, self.device = on_point or (lambda: None), device
@@ -127,7 +83,7 @@ class Sweeper:
 
         start = time.perf_counter()
         try:
-            with backend_context(self.backend) if sig.family == "attention" else contextlib.nullcontext():
+            with sdpa_context(self.backend) if sig.family == "attention" else contextlib.nullcontext():
                 timing = measure(lambda: module.make_inputs(point, self.device), module.run, self.device)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -151,7 +107,7 @@ class Sweeper:
         from .bench.sweep import initial_points, refine, refine_axis
         from .store import point_key
 
-        grid = initial_points(sig.axes, limits, BACKENDS[self.backend][2])
+        grid = initial_points(sig.axes, limits, attention_work(self.backend))
         if sig.family == "moe":
             grid = [p | {"dist": d} for p in grid for d in ROUTINGS]
         measured = {point_key(p): self.point(module, sig, p) for p in grid}
@@ -202,9 +158,7 @@ def run(args) -> int:
 
         args.backend = args.backend or "FLASH_ATTN"
         return run_vllm(args)
-    args.backend = args.backend or "sdpa"
-    if args.backend not in BACKENDS:
-        raise DoolyError(f"unknown attention backend {args.backend!r} (choose from {', '.join(BACKENDS)})")
+    chosen = backend(args.backend or DEFAULT_BACKEND.name)
     output_file(args.store, "--store")
     bench = output_folder(args.out, "--out") if args.out else args.store.parent / "bench"
     from .compile import load_model
@@ -234,7 +188,7 @@ def run(args) -> int:
 
     start = time.monotonic()
     store = Store(args.store)
-    env = store.add_environment(detect_environment(args.backend))
+    env = store.add_environment(detect(chosen))
     console = Console()
     used = signature_uses(graphs, env.attention_backend)
     signatures = {h: sig for h, (sig, _) in used.items()}
@@ -250,14 +204,14 @@ def run(args) -> int:
         store.add_signature(sig)
     paths = codegen.write(todo, bench)
     limits = {s.hash: sweep_limits(s, used[s.hash][1]) for s in todo}
-    total = sum(len(initial_points(s.axes, limits[s.hash], BACKENDS[args.backend][2]))
+    total = sum(len(initial_points(s.axes, limits[s.hash], attention_work(chosen)))
                 * (len(ROUTINGS) if s.family == "moe" else 1) for s in todo)
     console.print(f"[b]{env.name}[/b]: {len(signatures)} signatures, {len(done & signatures.keys())} in the store, "
                   f"{len(todo)} to profile ({total} grid points before refinement)")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         task = progress.add_task("points", total=total)
-        sweeper = Sweeper(store, env.name, args.backend, start + args.budget_s, lambda: progress.advance(task))
+        sweeper = Sweeper(store, env.name, chosen, start + args.budget_s, lambda: progress.advance(task))
         finished = sweep_all(sweeper, todo, paths, limits,
                              lambda sig: progress.update(task, description=f"{sig.op} {sig.hash[:8]}"))
     left = len(todo) - finished

@@ -20,6 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
+from .environment import DEFAULT_BACKEND, Backend, backend
 from .errors import DoolyError
 
 CONNECT_TIMEOUT_S = 10.0
@@ -182,17 +183,17 @@ class WriterStore:
         _ray().get(self.writer.finish_sweep.remote(sig_hash, env, gpu_seconds, points))
 
 
-def _environment_task(backend: str):
+def _environment_task(backend: Backend):
     from . import profile as profiler
 
-    return profiler.detect_environment(backend)
+    return profiler.detect(backend)
 
 
-def _profile_task(writer, env_name: str, backend: str, group: list, device: str, budget_end: float) -> int:
+def _profile_task(writer, env_name: str, backend: Backend, group: list, device: str, budget_end: float) -> int:
     """Sweep a group of (signature, benchmark source, limits); returns how many signatures it finished."""
     from . import profile as profiler
 
-    found = profiler.detect_environment(backend).name
+    found = profiler.detect(backend).name
     if found != env_name:
         raise DoolyError(f"a GPU of the cluster is {found}, not {env_name}: profile one kind of GPU at a time")
     deadline = time.monotonic() + (budget_end - time.time())
@@ -218,7 +219,7 @@ def groups_of(todo: list, costs: dict[str, float], n: int) -> list[list]:
     return [group for _, group in bins if group]
 
 
-def profile(store_path: Path, graphs: list, backend: str, budget_s: float = float("inf"),
+def profile(store_path: Path, graphs: list, backend: Backend, budget_s: float = float("inf"),
             device: str = "cuda") -> dict:
     """Measure the signatures of `graphs` that the store lacks on the cluster's GPUs (Ray must be connected)."""
     ray = _ray()
@@ -264,7 +265,8 @@ def profile_command(args) -> int:
     from .compile import load_model
 
     connect(args.ray)
-    report = profile(args.store, [load_model(p) for p in args.config], args.backend, args.budget_s)
+    report = profile(args.store, [load_model(p) for p in args.config], backend(args.backend or DEFAULT_BACKEND.name),
+                     args.budget_s)
     print(f"{report['environment']}: {report['signatures']} signatures, {report['in_store']} in the store; profiled "
           f"{report['profiled']} in {report['tasks']} tasks on {report['gpus']} GPUs "
           f"({report['retried_tasks']} tasks retried), {report['left']} left")

@@ -29,7 +29,6 @@ from .limits import Limits, add_limit_argument, output_folder, parse_json, parse
 from .store import Store
 
 MIN_REPEATS = 3
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -114,10 +113,10 @@ def _seconds(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def read_groundtruth(path: Path, limits: Limits) -> dict:
-    """A ground-truth file with everything `validate_model` reads checked: its structure, every step composition as
-    `Batches.of` checks user batches, every request as a trace's, all within `limits`. vLLM's files
-    (`dooly.vllm_validate`) are checked as theirs."""
+def read_groundtruth(path: Path, limits: Limits, models: set[str]) -> dict:
+    """A ground-truth file with everything `validate_model` reads checked: its structure, a model among `models`,
+    every step composition as `Batches.of` checks user batches, every request as a trace's, all within `limits`.
+    vLLM's files (`dooly.vllm_validate`) are checked as theirs."""
     truth = parse_json(read_text(path, "ground truth"), str(path))
 
     def need(ok, what: str) -> None:
@@ -125,12 +124,11 @@ def read_groundtruth(path: Path, limits: Limits) -> dict:
             raise DoolyError(f"{path}: not a ground-truth file: {what}")
 
     need(isinstance(truth, dict), "expected a JSON object")
+    need(isinstance(truth.get("model"), str) and truth["model"] in models, "model must name a model of --models")
     if isinstance(truth.get("environment"), dict) and truth["environment"].get("engine") == "vllm":
         from .vllm_validate import check_vllm
 
         return check_vllm(truth, path, limits, need)
-    models = {p.stem for p in (ROOT / "golden").glob("*.ir")}
-    need(isinstance(truth.get("model"), str) and truth["model"] in models, "model must name a model of golden/")
     need(isinstance(truth.get("backend"), str), "backend must be a string")
     need(truth.get("layers") is None or _count(truth["layers"]), "layers must be a positive integer")
     cb = truth.get("cb_config")
@@ -181,14 +179,14 @@ def check_traces(truth: dict, path: Path, limits: Limits, need) -> None:
                      "first_token")
 
 
-def validate_model(truth: dict, store: Store, log=print, max_steps: int = Limits()["steps"]) -> Row:
-    from .compile import load_model
-    from .predict import environment_name, load_predictor
+def validate_model(truth: dict, graph, store: Store, log=print, max_steps: int = Limits()["steps"]) -> Row:
+    """The errors of predicting the ground truth of one model (`graph`, its compiled IR) from the store."""
+    from .environment import environment_name
+    from .predict import load_predictor
     from .sim import ContinuousBatching, Knobs, Request, StepTime, simulate
 
     name, backend = truth["model"], truth["backend"]
     env = environment_name(store, backend)
-    graph = load_model(ROOT / "golden" / f"{name}.ir")
     predictor = load_predictor(graph, store, env, truth.get("layers"))
     cb = truth["cb_config"]
     graphs = bool(truth.get("cuda_graphs"))
@@ -267,26 +265,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dooly validate", description=__doc__.splitlines()[0])
     parser.add_argument("--groundtruth", type=Path, required=True, help="folder of <backend>/<model>.json files")
     parser.add_argument("--store", type=Path, required=True)
-    parser.add_argument("--ir", type=Path, help="vLLM ground truth: the folder of the models' vLLM IRs "
-                                                "(<model>.ir, e.g. data/vllm-ir)")
+    parser.add_argument("--models", type=Path, required=True,
+                        help="folder of the models' compiled IRs, <model>.ir (golden/ holds the zoo's; "
+                             "data/vllm-ir/ the vLLM IRs that vLLM's ground truth needs)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--plots", type=Path, help="where the parity plots go (default: out/validate)")
     add_limit_argument(parser, LIMITS)
     args = parser.parse_args(argv)
     limits = parse_limits(args.limit, LIMITS)
     plots_folder = output_folder(args.plots, "--plots") if args.plots else Path("out/validate")
+    from .compile import load_model
+
     files = sorted(args.groundtruth.glob("*/*.json"))
     if not files:
         raise DoolyError(f"{args.groundtruth}: no ground-truth files (<backend>/<model>.json)")
-    truths = [read_groundtruth(f, limits) for f in files]
+    models = {p.stem: p for p in args.models.glob("*.ir")}
+    if not models:
+        raise DoolyError(f"{args.models}: no compiled IRs (<model>.ir)")
+    truths = [read_groundtruth(f, limits, set(models)) for f in files]
     store = Store(args.store, readonly=True)
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
     from .vllm_validate import is_vllm, validate_vllm_model
 
-    if any(map(is_vllm, truths)) and args.ir is None:
-        raise DoolyError("vLLM ground truth needs --ir DIR, the folder of the models' vLLM IRs (data/vllm-ir)")
-    rows = [validate_vllm_model(truth, store, args.ir, log, limits["steps"]) if is_vllm(truth)
-            else validate_model(truth, store, log, limits["steps"]) for truth in truths]
+    rows = [(validate_vllm_model if is_vllm(truth) else validate_model)(truth, load_model(models[truth["model"]]),
+                                                                         store, log, limits["steps"])
+            for truth in truths]
     rows = [row for row in rows if row is not None]
     plots = parity_plots(rows, plots_folder)
     if args.json:

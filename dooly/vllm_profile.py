@@ -20,42 +20,19 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from .environment import CAPTURE_SIZES, DEFAULT_BACKEND, detect_vllm
+from .environment import VLLM_BACKENDS as BACKENDS
 from .errors import DoolyError
 from .ir import Graph
 from .passes.canonicalize import Use, uses
 from .passes.pieces import piece_uses
 
-BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER")
-CAPTURE_SIZES = (1, 2, 4, *range(8, 257, 8))  # vLLM 0.24's default cudagraph_capture_sizes on the H200
 # every captured size (graph replays), and larger steps as vLLM runs them, eagerly ("graph": 0 in the point key: a
 # store from before keeps its replayed points apart)
 PIECE_POINTS = tuple({"M": m, "graph": 0} for m in (2048, 1536, 1024, 768, 512, 384, 320)) + tuple(
     {"M": m} for m in sorted(CAPTURE_SIZES, reverse=True))
 ATTENTION_OPS = {"vllm.unified_attention_with_output"}
 KV_WRITE_OPS = {"vllm.unified_kv_cache_update"}
-MODES = {False: "vllm", True: "vllm-eager"}  # the engine field: compiled (default) and eager are apart in the store
-
-
-def environment(backend: str, eager: bool, engine_version: str):
-    import torch
-    import triton
-
-    from .profile import _nvidia_smi
-    from .store import Environment
-
-    gpu = torch.cuda.get_device_name()
-    engine = MODES[eager]
-    name = (f"{gpu.replace('NVIDIA ', '').replace(' ', '-').lower()}/torch-{torch.__version__}/"
-            f"{engine}-{engine_version}/bf16/{backend}")
-    extra = {"mode": "enforce_eager" if eager else "torch.compile+cudagraphs FULL_AND_PIECEWISE",
-             "capture_sizes": list(CAPTURE_SIZES), "sm_mhz_max": _nvidia_smi("clocks.max.sm"),
-             "mem_mhz_max": _nvidia_smi("clocks.max.memory"), "power_limit": _nvidia_smi("power.limit")}
-    return Environment(name=name, gpu=gpu, compute_capability="{}.{}".format(*torch.cuda.get_device_capability()),
-                       driver=_nvidia_smi("driver_version"), cuda=str(torch.version.cuda), torch=torch.__version__,
-                       triton=triton.__version__, engine=engine, engine_version=engine_version, dtype="bf16",
-                       kv_cache_dtype="bf16", block_size=16, attention_backend=backend, extra=extra)
-
-
 def step_uses(graph: Graph, backend: str, eager: bool) -> list[Use]:
     """What one step of vLLM runs, as profiled: compiled pieces and the ops around them, or every op (eager)."""
     return uses(graph, backend) if eager else piece_uses(graph, backend)
@@ -142,7 +119,7 @@ def run(args) -> int:
     versions = {g.meta.get("engine_version") for g in graphs}
     if len(versions) != 1:
         raise DoolyError(f"the IRs come from different vLLM versions ({', '.join(map(str, versions))})")
-    env = store.add_environment(environment(args.backend, args.eager, versions.pop()))
+    env = store.add_environment(detect_vllm(args.backend, args.eager, versions.pop()))
     done = store.measured(env.name)
     by_hash: dict[str, tuple] = {}  # hash -> (signature, graph, use, bindings)
     for g in graphs:
@@ -151,7 +128,7 @@ def run(args) -> int:
     todo = {h: v for h, v in by_hash.items() if h not in done}
     console.print(f"[b]{env.name}[/b]: {len(by_hash)} signatures, {len(by_hash) - len(todo)} in the store, "
                   f"{len(todo)} to profile")
-    sweeper = Sweeper(store, env.name, "sdpa", deadline)
+    sweeper = Sweeper(store, env.name, DEFAULT_BACKEND, deadline)
     stateful = [v for v in todo.values() if v[0].op in ATTENTION_OPS | KV_WRITE_OPS]
     plain = [v[0] for v in todo.values() if v[0].op not in ATTENTION_OPS | KV_WRITE_OPS]
     bench = Path(args.store).parent / "bench"

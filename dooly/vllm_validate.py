@@ -1,12 +1,13 @@
-"""`dooly validate --groundtruth data/groundtruth/vllm --store data/h200.sqlite --ir DIR`: Dooly against vLLM 0.24.
+"""`dooly validate --groundtruth data/groundtruth/vllm --store data/h200.sqlite --models data/vllm-ir`: Dooly against
+vLLM 0.24.
 
 Ground truth (`python -m dooly.bench.vllm_engine groundtruth` on the GPU) holds per model and attention backend the
 traces vLLM served, each step's composition and GPU time, each request's token times. Compared, as for
 transformers' engine (`dooly.validate`): the step time of every composition seen in at least three runs (median)
 against `dooly.predict.vllm_step`, and each request's TTFT and TPOT against the simulator serving the trace with
 vLLM's V1 scheduler under the engine's resolved settings (token budget, sequences, KV blocks, prefix caching, async
-scheduling). The models' vLLM IRs (`dooly compile CONFIG --frontend vllm`) come from DIR, `<model>.ir` or
-`<model>/model.ir`. Ground truth is never used to fit anything.
+scheduling). The models' vLLM IRs (`dooly compile CONFIG --frontend vllm`) come from `--models`, `<model>.ir`.
+Ground truth is never used to fit anything.
 """
 
 from __future__ import annotations
@@ -22,14 +23,6 @@ BACKEND_FOLDERS = {"flash_attn": "FLASH_ATTN", "triton_attn": "TRITON_ATTN", "fl
 
 def is_vllm(truth: dict) -> bool:
     return truth.get("environment", {}).get("engine") == "vllm"
-
-
-def ir_path(folder: Path, model: str) -> Path:
-    for path in (folder / f"{model}.ir", folder / model / "model.ir"):
-        if path.is_file():
-            return path
-    raise DoolyError(f"{folder}: no vLLM IR of {model} ({model}.ir or {model}/model.ir; dooly compile "
-                     f"configs/{model}.json --frontend vllm writes it)")
 
 
 ENGINE_FIELDS = ("num_gpu_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs")
@@ -108,9 +101,9 @@ def _seen_ttft(outcome, async_scheduling: bool) -> np.ndarray:
     return first - np.array([r["arrival"] for r in outcome.requests])
 
 
-def validate_vllm_model(truth: dict, store, ir_folder: Path, log=print, max_steps: int = 10**6):
-    """The model's row, or None (said in the log) where the store lacks what its environment runs."""
-    from .compile import load_model
+def validate_vllm_model(truth: dict, graph, store, log=print, max_steps: int = 10**6):
+    """The errors of predicting one model's vLLM ground truth (`graph`, its vLLM IR) from the store; None (said in
+    the log) where the store lacks what its environment runs."""
     from .predict.vllm_step import step_model
     from .sim.schedulers import VLLMv1
     from .sim.simulator import simulate
@@ -123,7 +116,7 @@ def validate_vllm_model(truth: dict, store, ir_folder: Path, log=print, max_step
         log(f"  {name} vllm {backend} eager: skipped, the eager environment is not profiled yet")
         return None
     try:
-        model = step_model(load_model(ir_path(ir_folder, name)), store, backend)
+        model = step_model(graph, store, backend)
     except DoolyError as e:
         log(f"  {name} vllm {backend}: skipped, {e}")
         return None

@@ -12,14 +12,13 @@ ARMED, FIRED = "kill-armed", "kill-fired"
 _measured = 0
 
 
-def environment(backend: str, dtype: str = "bf16"):
-    from dooly.profile import BACKENDS
+def environment(backend, dtype: str = "bf16"):
     from dooly.store import Environment
 
-    return Environment(name=f"fake-gpu/{BACKENDS[backend][0]}", gpu="fake GPU", compute_capability="9.0",
+    return Environment(name=f"fake-gpu/{backend.attention}", gpu="fake GPU", compute_capability="9.0",
                        driver="0", cuda="13.0", torch="2.13.0", triton="3.6.0", engine="transformers-cb",
                        engine_version="5.17.0", dtype=dtype, kv_cache_dtype=dtype, block_size=256,
-                       attention_backend=BACKENDS[backend][0])
+                       attention_backend=backend.attention)
 
 
 class Benchmark:
@@ -56,7 +55,7 @@ def install():
     import dooly.profile
 
     dooly.bench.timer.measure = measure
-    dooly.profile.detect_environment = environment
+    dooly.profile.detect = environment
     dooly.profile.load = lambda path: Benchmark()
 
 

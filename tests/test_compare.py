@@ -5,8 +5,8 @@ import json
 import pytest
 from helpers import dooly
 
+from dooly.environment import resolve_environment
 from dooly.predict import load_predictor, step_latency
-from dooly.predict.transfer import resolve_environment
 from dooly.store import Store
 
 CONFIG = "configs/llama-3.1-8b.json"

@@ -152,8 +152,8 @@ TRUTH = small_truth()
     json.loads(json.dumps(TRUTH)), value, pick)).encode(), JSON, st.integers(0, 10**6))))
 def test_validate_groundtruth(files, content):
     write(files, "sdpa/x.json", content)
-    run_unharmed(files, "validate", "--groundtruth", files / "input", "--store", files / "store.sqlite", "--json",
-                 "--plots", files / "plots")
+    run_unharmed(files, "validate", "--groundtruth", files / "input", "--store", files / "store.sqlite", "--models",
+                 ROOT / "golden", "--json", "--plots", files / "plots")
 
 
 CONFIGS = st.builds(lambda value, pick: json.dumps(replace_a_leaf(tiny_llama(), value, pick)).encode(), JSON,

@@ -51,7 +51,7 @@ class FakeEngine:
 @pytest.fixture
 def fake_gpu(monkeypatch):
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cli, "detect_environment", lambda backend: FakeEnvironment())
+    monkeypatch.setattr(cli, "detect", lambda backend: FakeEnvironment())
     monkeypatch.setattr(groundtruth, "Engine", FakeEngine)
     FakeEngine.served = []
 
@@ -59,7 +59,7 @@ def fake_gpu(monkeypatch):
 def test_recorded_files_are_what_validate_reads_and_a_rerun_resumes(fake_gpu, tmp_path):
     assert cli.groundtruth_main([str(CONFIG), "--out", str(tmp_path), "--repeats", "2", "--traces", "chat"]) == 0
     path = tmp_path / "sdpa" / "llama-3.2-1b.json"
-    truth = read_groundtruth(path, Limits())
+    truth = read_groundtruth(path, Limits(), {"llama-3.2-1b"})
     assert truth["model"] == "llama-3.2-1b" and truth["backend"] == "sdpa"
     assert truth["environment"] == {"gpu": "fake GPU"}
     assert sorted(truth["traces"]) == ["chat@32", "chat@8"]
@@ -70,7 +70,7 @@ def test_recorded_files_are_what_validate_reads_and_a_rerun_resumes(fake_gpu, tm
     assert cli.groundtruth_main([str(CONFIG), "--out", str(tmp_path), "--traces", "chat"]) == 0
     assert len(FakeEngine.served) == served  # everything asked for is recorded: the engine is not started
     assert cli.groundtruth_main([str(CONFIG), "--out", str(tmp_path), "--repeats", "1", "--traces", "burst"]) == 0
-    truth = read_groundtruth(path, Limits())
+    truth = read_groundtruth(path, Limits(), {"llama-3.2-1b"})
     assert sorted(truth["traces"]) == ["burst@inf", "chat@32", "chat@8"]
 
 

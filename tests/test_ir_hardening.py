@@ -283,7 +283,7 @@ def test_profile_refuses_a_hostile_ir_before_generating_anything(tmp_path, monke
     env = Environment("fake", "gpu", "9.0", "1", "12", "2", "3", "transformers-cb", "5", "bf16", "bf16", 256,
                       "paged|sdpa")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(profile, "detect_environment", lambda backend: env)
+    monkeypatch.setattr(profile, "detect", lambda backend: env)
     monkeypatch.chdir(tmp_path)
     for path in _hostile_files(tmp_path):
         code = profile.main([str(path), "--store", str(tmp_path / "s.sqlite"), "--out", str(tmp_path / "bench")])

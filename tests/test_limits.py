@@ -19,6 +19,8 @@ from dooly.sim import ContinuousBatching, Request, load_trace, simulate, synthet
 from dooly.sim.cli import warn_beyond_context
 from dooly.validate import read_groundtruth
 
+MODELS = {"llama-3.2-1b"}  # the models whose IRs dooly validate was given
+
 IR = ROOT / "golden" / "llama-3.2-1b.ir"
 CONFIG = ROOT / "configs" / "llama-3.2-1b.json"
 TRUTH = ROOT / "data" / "groundtruth" / "sdpa" / "llama-3.2-1b.json"
@@ -251,7 +253,7 @@ def _set(path, value):
 
 
 @pytest.mark.parametrize("change, words", [
-    (_set(["model"], "../configs/llama-3.2-1b"), "model must name a model of golden/"),
+    (_set(["model"], "../configs/llama-3.2-1b"), "model must name a model of --models"),
     (_set(["backend"], 3), "backend must be a string"),
     (_set(["layers"], -1), "layers must be a positive integer"),
     (_set(["cb_config", "num_blocks"], "many"), "cb_config must hold positive integers"),
@@ -276,11 +278,11 @@ def test_a_malformed_ground_truth_file_is_refused(tmp_path, change, words):
     path = tmp_path / "x.json"
     path.write_text(json.dumps(truth))
     with pytest.raises(DoolyError, match=words.replace("[", r"\[").replace("]", r"\]")):
-        read_groundtruth(path, Limits())
+        read_groundtruth(path, Limits(), MODELS)
 
 
 def test_a_ground_truth_file_as_written_reads_back():
-    assert read_groundtruth(TRUTH, Limits())["model"] == "llama-3.2-1b"
+    assert read_groundtruth(TRUTH, Limits(), MODELS)["model"] == "llama-3.2-1b"
 
 
 @pytest.mark.parametrize("content, words", [
@@ -291,15 +293,18 @@ def test_a_ground_truth_file_as_written_reads_back():
 def test_validate_refuses_a_file_that_is_not_ground_truth_before_opening_the_store(capsys, tmp_path, content, words):
     (tmp_path / "gt" / "sdpa").mkdir(parents=True)
     (tmp_path / "gt" / "sdpa" / "x.json").write_bytes(content)
-    code, err = run(capsys, "validate", "--groundtruth", tmp_path / "gt", "--store", tmp_path / "none.sqlite")
+    code, err = run(capsys, "validate", "--groundtruth", tmp_path / "gt", "--store", tmp_path / "none.sqlite",
+                    "--models", ROOT / "golden")
     one_error_line(code, err, *words)
 
 
 # --- output paths -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, words", [
-    (["validate", "--groundtruth", "{gt}", "--store", "{store}", "--plots", "{file}"], ["--plots", "not a folder"]),
-    (["validate", "--groundtruth", "{gt}", "--store", "{store}", "--plots", "{missing}/p"], ["--plots", "parent"]),
+    (["validate", "--groundtruth", "{gt}", "--store", "{store}", "--models", "{golden}", "--plots", "{file}"],
+     ["--plots", "not a folder"]),
+    (["validate", "--groundtruth", "{gt}", "--store", "{store}", "--models", "{golden}", "--plots", "{missing}/p"],
+     ["--plots", "parent"]),
     (["profile", IR, "--store", "{store}", "--out", "{file}"], ["--out", "not a folder"]),
     (["profile", IR, "--store", "{missing}/s.sqlite"], ["--store", "parent folder"]),
     (["profile", IR, "--store", "{gt}"], ["--store", "a folder, not a file"]),
@@ -311,7 +316,7 @@ def test_an_output_path_that_cannot_be_written_is_refused_first(capsys, tmp_path
     (tmp_path / "gt").mkdir()
     (tmp_path / "file").write_text("")
     paths = {"gt": tmp_path / "gt", "store": tmp_path / "s.sqlite", "file": tmp_path / "file",
-             "missing": tmp_path / "missing"}
+             "missing": tmp_path / "missing", "golden": ROOT / "golden"}
     code, err = run(capsys, *[str(a).format(**paths) for a in argv])
     one_error_line(code, err, *words)
     assert not (tmp_path / "missing").exists() and not (tmp_path / "s.sqlite").exists()

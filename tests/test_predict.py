@@ -11,6 +11,7 @@ import pytest
 from helpers import ROOT, compile_dict, dooly, tiny_llama
 from test_store import env
 
+from dooly.environment import BACKENDS
 from dooly.errors import DoolyError
 from dooly.ir.expr import evaluate
 from dooly.passes.canonicalize import uses
@@ -51,7 +52,7 @@ def fake(tmp_path_factory, monkeypatch_module):
     graph = compile_dict(tiny_llama(), "tiny-llama")
     store = Store(tmp_path_factory.mktemp("fake") / "fake.sqlite")
     store.add_environment(env())
-    sweeper = Sweeper(store, ENV, "sdpa", float("inf"), device="cpu")
+    sweeper = Sweeper(store, ENV, BACKENDS["sdpa"], float("inf"), device="cpu")
     for sig, bindings in signature_uses([graph], "paged|sdpa").values():
         store.add_signature(sig)
         sweeper.sweep(FakeBench(), sig, sweep_limits(sig, bindings))
@@ -138,7 +139,7 @@ def test_a_store_without_the_backend_is_refused(fake):
     _, store, _ = fake
     with pytest.raises(DoolyError, match="no measurements for the sdpa-efficient backend"):
         environment_name(store, "sdpa-efficient")
-    with pytest.raises(DoolyError, match="unknown backend"):
+    with pytest.raises(DoolyError, match="unknown attention backend"):
         environment_name(store, "flash9")
 
 

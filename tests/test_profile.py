@@ -11,6 +11,7 @@ from test_store import env
 
 from dooly.bench import sweep as sweep_mod
 from dooly.bench.timer import Timing
+from dooly.environment import BACKENDS
 from dooly.passes.canonicalize import Signature
 from dooly.profile import Budget, Sweeper
 from dooly.store import Store
@@ -52,7 +53,7 @@ def setup(tmp_path, monkeypatch):
 
 
 def sweeper(store, deadline=float("inf")):
-    return Sweeper(store, ENV, "sdpa", time.monotonic() + deadline if deadline != float("inf") else deadline,
+    return Sweeper(store, ENV, BACKENDS["sdpa"], time.monotonic() + deadline if deadline != float("inf") else deadline,
                    device="cpu")
 
 

@@ -20,7 +20,7 @@ from dooly.sim import (
     summary,
     synthetic,
 )
-from dooly.sim.engine import cache_size
+from dooly.sim.transformers_cache import cache_size
 
 
 class Recorder:

@@ -12,6 +12,7 @@ from helpers import ROOT, dooly
 from test_store import env
 
 from dooly.bench.roofline import BANDWIDTH, PEAK_FLOPS, work
+from dooly.environment import resolve_environment
 from dooly.predict.transfer import (
     COMPUTE_FAMILIES,
     MIN_PER_STRATUM,
@@ -20,7 +21,6 @@ from dooly.predict.transfer import (
     choose_calibration,
     plan,
     rehearse,
-    resolve_environment,
 )
 from dooly.store import Stats, Store
 

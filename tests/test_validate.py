@@ -20,14 +20,15 @@ def test_step_errors_are_against_each_compositions_median(shipped):
     """Ground truth rewritten to twice what Dooly predicts for each step of each run: every error is exactly 1/2."""
     truth = json.loads(TRUTH.read_text())
     store = Store(shipped, create=False)
-    predictor = load_predictor(load_model(ROOT / "golden" / "llama-3.2-1b.ir"), store, environment_name(store))
+    graph = load_model(ROOT / "golden" / "llama-3.2-1b.ir")
+    predictor = load_predictor(graph, store, environment_name(store))
     for trace in truth["traces"].values():
         for run in trace["runs"]:
             step_time = StepTime(predictor, Knobs())  # each run is a fresh engine thread, as validate replays it
             for step in run["steps"]:
                 batch = [(int(q), int(k)) for q, k in zip(step["queries"], step["keys"])]
                 step["forward_s"] = 2e-6 * step_time.forward_us(batch)[0]
-    row = validate_model(truth, store, log=lambda message: None)
+    row = validate_model(truth, graph, store, log=lambda message: None)
     assert len(row.step_errors) >= 100
     assert np.allclose(row.step_errors, 0.5)
 
@@ -35,7 +36,8 @@ def test_step_errors_are_against_each_compositions_median(shipped):
 def test_validate_command_reports_every_model_with_plots(shipped, tmp_path):
     (tmp_path / "gt" / "sdpa").mkdir(parents=True)
     shutil.copy(TRUTH, tmp_path / "gt" / "sdpa")
-    r = dooly("validate", "--groundtruth", tmp_path / "gt", "--store", shipped, "--json", "--plots", tmp_path / "p")
+    r = dooly("validate", "--groundtruth", tmp_path / "gt", "--store", shipped, "--models", "golden", "--json",
+              "--plots", tmp_path / "p")
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)["rows"]
     assert row["model"] == "llama-3.2-1b" and row["backend"] == "sdpa"
@@ -58,5 +60,5 @@ def test_validate_refuses_bad_input(shipped, tmp_path, setup, message):
         data["backend"] = "sdpa-flash"
         (gt / "sdpa-flash" / "x.json").write_text(json.dumps(data))
         message = "no measurements for the sdpa-flash backend"
-    r = dooly("validate", "--groundtruth", gt, "--store", shipped)
+    r = dooly("validate", "--groundtruth", gt, "--store", shipped, "--models", "golden")
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

@@ -75,7 +75,7 @@ def _validate(args: list[str]) -> subprocess.CompletedProcess:
 def test_validate_reports_vllm_rows(tmp_path):
     (tmp_path / "gt" / "flash_attn").mkdir(parents=True)
     shutil.copy(TRUTH, tmp_path / "gt" / "flash_attn")
-    out = _validate(["--groundtruth", str(tmp_path / "gt"), "--store", str(STORE), "--ir", str(IR), "--json",
+    out = _validate(["--groundtruth", str(tmp_path / "gt"), "--store", str(STORE), "--models", str(IR), "--json",
                      "--plots", str(tmp_path / "plots")])
     assert out.returncode == 0, out.stderr
     (row,) = json.loads(out.stdout)["rows"]
@@ -83,16 +83,19 @@ def test_validate_reports_vllm_rows(tmp_path):
     assert 0 <= row["step_mape"] < 1 and 0 <= row["ttft_mape"] < 1 and 0 <= row["tpot_mape"] < 1
 
 
-def test_validate_refuses_vllm_ground_truth_without_irs_or_with_a_broken_step(tmp_path):
+def test_validate_refuses_vllm_ground_truth_without_its_ir_or_with_a_broken_step(tmp_path):
     folder = tmp_path / "gt" / "flash_attn"
     folder.mkdir(parents=True)
     truth = json.loads(TRUTH.read_text())
     (folder / "llama-3.1-8b.json").write_text(json.dumps(truth))
-    out = _validate(["--groundtruth", str(tmp_path / "gt"), "--store", str(STORE)])
-    assert out.returncode == 2 and out.stderr.startswith("error:") and "--ir" in out.stderr
+    others = tmp_path / "irs"
+    others.mkdir()
+    shutil.copy(IR / "qwen3-8b.ir", others)
+    out = _validate(["--groundtruth", str(tmp_path / "gt"), "--store", str(STORE), "--models", str(others)])
+    assert out.returncode == 2 and out.stderr.startswith("error:") and "--models" in out.stderr
     truth["traces"]["chat@8"]["runs"][0]["steps"][0]["computed"].append(5)
     (folder / "llama-3.1-8b.json").write_text(json.dumps(truth))
-    out = _validate(["--groundtruth", str(tmp_path / "gt"), "--store", str(STORE), "--ir", str(IR)])
+    out = _validate(["--groundtruth", str(tmp_path / "gt"), "--store", str(STORE), "--models", str(IR)])
     assert out.returncode == 2 and out.stderr.startswith("error:") and "computed" in out.stderr
     assert "Traceback" not in out.stderr
 

@@ -38,7 +38,7 @@ def main() -> None:
     from dooly.config import load_config
     from dooly.predict import Batches, environment_name, load_predictor
     from dooly.sim import ContinuousBatching, Knobs, StepTime, simulate, synthetic
-    from dooly.sim.engine import cache_size
+    from dooly.sim.transformers_cache import cache_size
     from dooly.store import Store
 
     store = Store(args.store, readonly=True)

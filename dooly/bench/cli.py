@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from ..config import load_config
+from ..environment import BACKENDS, detect
 from ..errors import DoolyError, command
 from ..limits import output_folder, parse_json, read_text
-from ..profile import BACKENDS, detect_environment
 from .groundtruth import TRACE_KINDS, record_model, trace_kind
 
 # flash attention refuses the engine's float mask, so the engine cannot serve with it forced
@@ -54,7 +54,7 @@ def groundtruth_main(argv: list[str] | None = None) -> int:
         raise DoolyError("dooly groundtruth runs the engine on a CUDA GPU, and this machine has none")
     folder = output_folder(args.out, "--out") / (args.backend + ("-graphs" if args.graphs else ""))
     folder.mkdir(parents=True, exist_ok=True)
-    environment = dataclasses.asdict(detect_environment(args.backend))
+    environment = dataclasses.asdict(detect(BACKENDS[args.backend]))
     wanted = set(args.traces) or set(TRACE_KINDS)
     start = time.monotonic()
     for config in configs:
@@ -66,7 +66,7 @@ def groundtruth_main(argv: list[str] | None = None) -> int:
         if done is not None and wanted <= {trace_kind(trace) for trace in done["traces"]}:
             continue
         t = time.perf_counter()
-        result = record_model(config.name, config.data, args.backend, BACKENDS[args.backend][1], args.graphs,
+        result = record_model(config.name, config.data, args.backend, BACKENDS[args.backend].sdpa_kernel, args.graphs,
                               args.repeats, environment, lambda line: print(line, flush=True), tuple(args.traces))
         if done is not None:  # add the new traces to what an earlier run recorded
             result = {**done, "traces": {**done["traces"], **result["traces"]}}

@@ -10,14 +10,10 @@ the model forward (CUDA events on the engine's compute stream around `ModelRunne
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @dataclass
@@ -220,7 +216,3 @@ class Engine:
 def _window_keys(reqs, cache) -> list[int]:
     window = cache.config.sliding_window
     return [r.query_length + min(r.state.position_offset - r.query_length, window - 1) for r in reqs]
-
-
-def zoo(name: str) -> dict:
-    return json.loads((ROOT / "configs" / f"{name}.json").read_text())

@@ -15,6 +15,7 @@ import sys
 import torch
 
 from ..ir.graph import DTYPES as IR_DTYPES
+from ..transformers_engine import ATTENTION, BLOCK_SIZE, paged_cache
 
 DTYPES = {short: getattr(torch, name.removeprefix("torch.")) for name, short in IR_DTYPES.items()}
 FREE_ROWS = 65536  # rows of a gathered-from table whose size does not change the kernel
@@ -70,29 +71,21 @@ def engine_batch(queries: list[int], keys: list[int], device: str, sliding_windo
     requests with these query and key lengths (keys = past + new), using the engine's own objects."""
     from transformers import LlamaConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
-    from transformers.generation.continuous_batching import cache as cb_cache
     from transformers.generation.continuous_batching.cb_logits_processors import (
         ContinuousBatchingLogitsProcessorList,
     )
-    from transformers.generation.continuous_batching.distributed import DistributedHelper
     from transformers.generation.continuous_batching.input_outputs import ContinuousBatchingIOs
     from transformers.generation.continuous_batching.requests import FutureRequestState, RequestState, RequestStatus
     from transformers.generation.logits_process import LogitsProcessorList
 
-    block = 256
+    block = BLOCK_SIZE
     blocks = sum(-(-k // block) for k in keys) + len(keys) + 2
     config = LlamaConfig(hidden_size=64, num_attention_heads=1, num_key_value_heads=1, head_dim=64,
                          intermediate_size=64, num_hidden_layers=1, vocab_size=128, sliding_window=sliding_window)
-    config._attn_implementation = "paged|sdpa"
+    config._attn_implementation = ATTENTION
     cb = ContinuousBatchingConfig(block_size=block, num_blocks=blocks, max_batch_tokens=max(sum(queries), 256),
                                   max_requests_per_batch=max(len(queries), 1))
-    memory = cb_cache.PagedAttentionMemoryHandler.get_available_memory
-    cb_cache.PagedAttentionMemoryHandler.get_available_memory = lambda self: 1 << 40
-    try:
-        cache = cb_cache.PagedAttentionCache(config, cb, device, DistributedHelper(None, None), tp_plan={},
-                                             dtype=torch.bfloat16)
-    finally:
-        cb_cache.PagedAttentionMemoryHandler.get_available_memory = memory
+    cache = paged_cache(config, cb, device, torch.bfloat16)
     logits = ContinuousBatchingLogitsProcessorList(LogitsProcessorList())
     io = ContinuousBatchingIOs(cache, config, cb, torch.device(device), torch.bfloat16, logits)
     states = []

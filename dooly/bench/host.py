@@ -6,7 +6,8 @@ launches, the step waits on the host), and reads the new tokens back (`update`).
 synthetic models whose GPU work is negligible, so what is timed is the host alone: models of 1 to 16 layers (the
 launch time grows with the number of kernels) and of one or two attention types (two masks to build), over
 batches of 1 to 256 requests. `dooly.predict.host` fits them; no zoo model is run here, so this calibration never
-sees a model it will later be validated on.
+sees a model it will later be validated on. The kernels a step of each synthetic model launches are counted on its
+IR and stored beside its timings (`--kernels-only` counts them for a store calibrated without them; no GPU needed).
 
     python -m dooly.bench.host --store data/h100.sqlite --backend sdpa
 """
@@ -14,9 +15,14 @@ sees a model it will later be validated on.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
+from dataclasses import asdict
+
+from ..environment import BACKENDS, Backend, detect, sdpa_context
+from .kernels import KernelCount
 
 SYNTHETIC = {  # a Llama and a Gemma-2 in miniature: same code paths, negligible GPU work
     "llama": {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
@@ -33,6 +39,25 @@ REPEATS = 3
 
 def synthetic(name: str, layers: int) -> dict:
     return {**SYNTHETIC[name], "num_hidden_layers": layers}
+
+
+@functools.cache
+def synthetic_graph(name: str, layers: int):
+    """The IR of a synthetic model, compiled once per process."""
+    from ..config import parse_config
+    from ..passes.pipeline import compile_model
+
+    return compile_model(parse_config(synthetic(name, layers), f"synthetic-{name}-{layers}", name))
+
+
+def count_kernels(store, env_name: str, attention: str, runs: list[tuple[str, int]]) -> int:
+    """Store the kernels a step of each synthetic model (name, layers) launches with the environment's attention
+    backend, counted on its IR."""
+    for name, layers in runs:
+        graph = synthetic_graph(name, layers)
+        store.record_host_kernels(env_name, {"model": list(SYNTHETIC).index(name), "layers": layers},
+                                  asdict(KernelCount.of(graph, attention)))
+    return len(runs)
 
 
 def calibrate(store, env_name: str, device: str = "cuda", budget_s: float = 120.0, models=tuple(LAYERS),
@@ -95,15 +120,13 @@ def first_call_us(heads: int, head_dim: int, t: int, k: int) -> float:
     return (times[0] - statistics.median(times[1:])) * 1e6
 
 
-def first_calls(store, env_name: str, backend: str, shapes: int = 6) -> int:
+def first_calls(store, env_name: str, backend: Backend, shapes: int = 6) -> int:
     """Host time of an attention call at a shape the process has not seen, above its steady time.
 
     cuDNN's attention builds an execution plan for every new shape, and a serving step nearly always brings a new
     (T, K): each step pays it once per attention shape. Measured per head count and head size of the store's
     attention signatures, at decode-like and prefill-like shapes."""
     import random
-
-    from ..profile import backend_context
 
     rng, rows, seen = random.Random(0), 0, set()
     sigs = store.db.execute("SELECT canonical FROM signatures WHERE family = 'attention'").fetchall()
@@ -116,7 +139,7 @@ def first_calls(store, env_name: str, backend: str, shapes: int = 6) -> int:
         for i in range(shapes):
             t = rng.randint(1, 64) if i % 2 == 0 else rng.randint(300, 3000)
             k = t + rng.randint(1000, 30000)
-            with backend_context(backend):
+            with sdpa_context(backend):
                 extra = first_call_us(heads, dim, t, k)
             store.record_host(env_name, "attention_first_call", {"heads": heads, "head_dim": dim, "T": t, "K": k},
                               extra, extra, 1)
@@ -127,7 +150,6 @@ def first_calls(store, env_name: str, backend: str, shapes: int = 6) -> int:
 def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
-    from ..profile import BACKENDS, detect_environment
     from ..store import Store
 
     parser = argparse.ArgumentParser(prog="python -m dooly.bench.host", description=__doc__.splitlines()[0])
@@ -135,11 +157,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="sdpa", choices=list(BACKENDS))
     parser.add_argument("--budget-s", type=float, default=120.0)
     parser.add_argument("--models", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument("--kernels-only", action="store_true",
+                        help="only count the kernels of the models each environment of the store was calibrated on")
     args = parser.parse_args(argv)
     store = Store(args.store)
-    env = store.add_environment(detect_environment(args.backend))
-    rows = calibrate(store, env.name, budget_s=args.budget_s, models=args.models, sdpa_kernel=BACKENDS[args.backend][1])
-    rows += first_calls(store, env.name, args.backend)
+    if args.kernels_only:
+        for env in store.environments():
+            runs = sorted({(list(SYNTHETIC)[r["point"]["model"]], r["point"]["layers"]) for r in store.host(env.name)
+                           if r["phase"] == "launch"})
+            rows = count_kernels(store, env.name, env.attention_backend, runs)
+            print(f"recorded the kernel counts of {rows} calibration models for {env.name}")
+        return 0
+    chosen = BACKENDS[args.backend]
+    env = store.add_environment(detect(chosen))
+    rows = calibrate(store, env.name, budget_s=args.budget_s, models=args.models, sdpa_kernel=chosen.sdpa_kernel)
+    rows += first_calls(store, env.name, chosen)
+    runs = [(m, layers) for m in args.models for layers in LAYERS[m]]
+    rows += count_kernels(store, env.name, chosen.attention, runs)
     print(f"recorded {rows} host rows for {env.name}")
     return 0
 

@@ -24,7 +24,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER")
+from ..environment import VLLM_BACKENDS as BACKENDS
+
 CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
 TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
         "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 32000,
@@ -259,8 +260,8 @@ def calibrate(store_path: Path, backend: str, eager: bool) -> None:
 
     import vllm
 
+    from ..environment import detect_vllm as vllm_environment
     from ..store import Store
-    from ..vllm_profile import environment as vllm_environment
 
     store = Store(store_path)
     env = store.add_environment(vllm_environment(backend, eager, vllm.__version__))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..config import SHAPE_FIELDS, ModelConfig, build
+from ..config import SHAPE_FIELDS, ModelConfig, build, hf_config
 from ..errors import DoolyError
 from ..ir.graph import Graph, Op
 
@@ -36,22 +36,6 @@ class Capture:
     graph: Graph
     # field -> (value, ops) of the step traced with that field moved, for fields torch pinned while tracing
     perturbed: dict[str, list[tuple[int, list[Op]]]]
-
-
-@contextlib.contextmanager
-def no_weight_init():
-    """Skip weight init: it does float math on sizes (sqrt(fan_in)), which would pin symbolic sizes to numbers."""
-    from transformers.initialization import no_init_weights
-
-    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
-    try:
-        for cls in saved:
-            cls.reset_parameters = lambda self: None
-        with no_init_weights():
-            yield
-    finally:
-        for cls, fn in saved.items():
-            cls.reset_parameters = fn
 
 
 def structure(layer: nn.Module) -> tuple:
@@ -122,15 +106,6 @@ def trace_with_fallback(trace: Callable[[dict[str, int]], Trace]) -> tuple[Trace
         if [op.name for op in moved.ops] == [op.name for op in step.ops]:  # else it chose the ops: a setting too
             perturbed[field] = [(moved.values[field], moved.ops)]
     return step, perturbed
-
-
-def hf_config(cfg: ModelConfig, **overrides):
-    config = build(cfg.model_type, {**cfg.data, **overrides}, cfg.name)
-    if getattr(config, "head_dim", None) is None:
-        # The models read `getattr(config, "head_dim", hidden_size // num_attention_heads)`; naming it makes it a
-        # field of its own, which the taint pass can recover where rotary embeddings pin it to a number.
-        config.head_dim = config.hidden_size // config.num_attention_heads
-    return config
 
 
 def shape_values(config) -> dict[str, int]:

@@ -23,16 +23,23 @@ from ..config import ModelConfig, first_line
 from ..errors import DoolyError
 from ..ir.expr import names, render, to_sympy
 from ..ir.graph import Graph, Op, map_dims
+from ..transformers_engine import (
+    ATTENTION,
+    BLOCK_SIZE,
+    ENGINE,
+    FALLBACK_ATTENTION,
+    model_class,
+    no_weight_init,
+    paged_cache,
+)
 from .common import (
     DTYPES,
     EVEN_FIELDS,
     Capture,
     Trace,
     decoder_layers,
-    hf_config,  # noqa: F401 - dooly.sim.engine builds the engine's cache sizing from it
     in_parallel,
     layer_counts,
-    no_weight_init,
     recorded_reads,
     set_field,
     size_fields,
@@ -44,24 +51,13 @@ from .lower import lower
 from .recorder import Recorder
 from .symbolic import SymbolTable
 
-ATTENTION = "paged|sdpa"
-FALLBACK_ATTENTION = "paged|eager"  # what the engine runs for a model class that refuses sdpa
-# Engine settings used while tracing: the engine's defaults where they exist (block size 256, 8192 tokens per
+# Engine settings used while tracing: the engine's defaults where they exist (its block size, 8192 tokens per
 # batch); the cache pool is a fixed size so that cache-reading ops of different models can share signatures.
-BLOCK_SIZE, NUM_BLOCKS, MAX_BATCH_TOKENS = 256, 512, 8192
+NUM_BLOCKS, MAX_BATCH_TOKENS = 512, 8192
 HINTS = {"T": 37, "R": 5, "K": 901, "Ks": 263, "q": 11, "k": 397}  # trace-time values; the IR does not use them
 MIX_CONDITIONS = ("K > T", "K == T")  # the engine reads the cache only when some request has past tokens
 ATTENTION_OPS = {"aten.scaled_dot_product_attention", "aten.bmm", "aten.matmul", "aten.mm", "aten.baddbmm"}
 KEY_SYMBOLS = {"K", "Ks"}
-
-
-def model_class(config):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        raise DoolyError(f"{config.model_type}: transformers has no causal-LM class for it") from None
 
 
 def full_model(config) -> tuple[nn.Module, set[str]]:
@@ -101,11 +97,9 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, 
                fields: dict[str, int], attention: str = ATTENTION) -> Trace:
     """Record one step of the engine on a model cut to its first `n_layers` decoder layers."""
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
-    from transformers.generation.continuous_batching import cache as cb_cache
     from transformers.generation.continuous_batching.cb_logits_processors import (
         ContinuousBatchingLogitsProcessorList,
     )
-    from transformers.generation.continuous_batching.distributed import DistributedHelper
     from transformers.generation.continuous_batching.initialization import resolve_continuous_batching_config
     from transformers.generation.continuous_batching.input_outputs import ContinuousBatchingIOs
     from transformers.generation.continuous_batching.model_runner import ModelRunner
@@ -121,8 +115,6 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, 
     T, R, K, Ks, q, k = (symbols.symint(n, HINTS[n]) for n in ("T", "R", "K", "Ks", "q", "k"))
     torch_dtype = DTYPES[dtype]
 
-    memory = cb_cache.PagedAttentionMemoryHandler.get_available_memory
-    cb_cache.PagedAttentionMemoryHandler.get_available_memory = lambda self: 1 << 40  # sized by NUM_BLOCKS
     saved_dtype = torch.get_default_dtype()
     try:
         with symbols.fake_mode, no_weight_init():
@@ -135,8 +127,7 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, 
                 config=config, has_logit_processors=False, workload_hints=None,
                 cb_config=ContinuousBatchingConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS,
                                                    max_batch_tokens=MAX_BATCH_TOKENS))
-            cache = cb_cache.PagedAttentionCache(config, cb, "cpu", DistributedHelper(None, None), tp_plan={},
-                                                 dtype=torch_dtype)
+            cache = paged_cache(config, cb, "cpu", torch_dtype)
             io = ContinuousBatchingIOs(cache, config, cb, torch.device("cpu"), torch_dtype, logits)
             runner = ModelRunner(logits, cb, io, cache, do_sample=False, return_logprobs=False)
     except DoolyError:
@@ -145,7 +136,6 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, 
         raise DoolyError(f"{cfg.name}: {cfg.model_type}: the engine cannot build this model: {first_line(e)}") from None
     finally:
         torch.set_default_dtype(saved_dtype)
-        cb_cache.PagedAttentionMemoryHandler.get_available_memory = memory
 
     rec = Recorder("engine")
     rec.name_tensors({f"model.{n}" if not n.startswith("model.") else n: t
@@ -269,7 +259,7 @@ def _capture(cfg: ModelConfig, dtype: str) -> Capture:
         n for op in step.ops for text in _sym_attrs(op.attrs) for n in names(text)}
     meta = {
         "architecture": (cfg.data.get("architectures") or [type(model).__name__])[0],
-        "model_type": cfg.model_type, "frontend": "transformers", "engine": "transformers-cb",
+        "model_type": cfg.model_type, "frontend": "transformers", "engine": ENGINE,
         "engine_version": transformers.__version__, "attention": attention, "dtype": dtype, "tp": 1,
         "config": {f: v for f, v in step.values.items() if f in used}, "concrete_fields": sorted(perturbed),
         "request_symbols": sorted(HINTS),

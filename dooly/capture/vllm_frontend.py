@@ -49,7 +49,7 @@ from torch.fx.experimental.symbolic_shapes import size_hint
 from vllm.platforms.cpu import CpuPlatform
 from vllm.utils.platform_utils import is_pin_memory_available
 
-from ..config import ModelConfig
+from ..config import ModelConfig, hf_config
 from ..errors import DoolyError
 from ..ir.graph import Graph, Op
 from .common import (
@@ -58,7 +58,6 @@ from .common import (
     Capture,
     Trace,
     decoder_layers,
-    hf_config,
     layer_counts,
     prefix_config,
     shape_values,

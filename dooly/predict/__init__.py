@@ -1,6 +1,7 @@
 """Prediction: op latencies from the store, step latency of any batch, the engine's host time."""
 
-from .step import Batches, Prediction, Predictor, environment_name, load_predictor
+from ..environment import environment_name
+from .step import Batches, Prediction, Predictor, load_predictor
 
 
 def step_latency(model_ir, batch: list[tuple[int, int]], store, backend: str | None = None) -> float:

@@ -98,9 +98,9 @@ def fit_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refit", action="store_true", help="fit again even when saved models are current")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    from ..environment import environment_name
     from ..store import Store
     from .opmodel import load_or_fit, model_dir
-    from .step import environment_name
 
     store = Store(args.store, readonly=True)
     envs = [environment_name(store, args.backend)] if args.backend else [e.name for e in store.environments()]
@@ -149,8 +149,9 @@ def predict_main(argv: list[str] | None = None) -> int:
     if args.top < 0:
         raise DoolyError("--top must be 0 or more")
     from ..compile import load_model
+    from ..environment import environment_name
     from ..store import Store
-    from .step import Batches, environment_name, load_predictor
+    from .step import Batches, load_predictor
 
     batches = [parse_batch(args.batch, limits)] if args.batch is not None else read_batches(args.batch_file, limits)
     b = Batches.of(batches, limits)

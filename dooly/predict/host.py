@@ -17,16 +17,18 @@ cost (docs/findings.md has the measurements). Without first calls, the figure th
 used (the synthetic Gemma-2 has two attention shapes a step, the synthetic Llama one). Where attention builds no
 plans (the efficient and math kernels) both are near zero.
 
-Kernel counts come from the IR of each synthetic calibration model, so the fitted costs carry over to any model
-through its own IR. Coefficients are least squares on the calibration medians, kept non-negative.
+Kernel counts come from the IR of each synthetic calibration model, stored with its calibration, so the fitted
+costs carry over to any model through its own IR. Coefficients are least squares on the calibration medians, kept
+non-negative.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
+
+from ..bench.kernels import KernelCount
 
 
 @dataclass
@@ -63,63 +65,6 @@ def _nonneg_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.clip(coef, 0, None)
 
 
-@dataclass(frozen=True)
-class KernelCount:
-    """Kernels the forward launches (not the batch preparation): fixed, per request, and those launched only
-    when some request reads past keys (K > T) or only when none does; and how many attention types (masks)."""
-
-    fixed: float
-    per_request: float
-    reading: float
-    fresh: float
-    types: int
-
-    @staticmethod
-    def of(graph, backend: str) -> KernelCount:
-        n = {"": 0.0, "request": 0.0, "K > T": 0.0, "K == T": 0.0}
-        per_attention = attention_launches(backend)
-        for op in graph.ops:
-            if not op.scope.startswith(("engine.reset", "engine.attention_mask")):
-                launches = per_attention if op.name == "aten.scaled_dot_product_attention" else 1
-                n[op.when or ("request" if op.per == "request" else "")] += op.count * launches
-        return KernelCount(n[""], n["request"], n["K > T"], n["K == T"], len(attention_keys(graph)))
-
-    def __call__(self, R, reads):
-        return self.fixed + self.per_request * R + np.where(reads, self.reading, self.fresh)
-
-
-VIEWS = {"aten.view", "aten.expand", "aten.transpose", "aten._unsafe_view", "aten.unsqueeze", "aten.permute"}
-
-
-@functools.cache
-def attention_launches(backend: str) -> int:
-    """Kernels one attention call launches: one for a fused kernel; torch's math kernel is a decomposition into
-    casts, scaling, two batched GEMMs and a softmax, counted here by running it on the CPU (views launch nothing)."""
-    if backend != "paged|sdpa:math":
-        return 1
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        launches = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.launches += func.overloadpacket._qualified_op_name.replace("::", ".") not in VIEWS
-            return func(*args, **(kwargs or {}))
-
-    q, k = torch.randn(1, 2, 3, 8, dtype=torch.bfloat16), torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
-    with Count():
-        torch.ops.aten._scaled_dot_product_attention_math(q, k, k, torch.zeros(1, 1, 3, 5, dtype=torch.bfloat16))
-    return Count.launches
-
-
-def attention_keys(graph) -> list[str]:
-    """The key symbols the model's attention ops read: ["K"], ["Ks"] (sliding-window layers only), or both."""
-    keys = {d.expr for op in graph.ops if op.name == "aten.scaled_dot_product_attention"
-            for d in op.inputs[1].shape if d.expr in ("K", "Ks")}
-    return sorted(keys) or ["K"]
-
-
 def plan_cost(first_calls: list[float]) -> float:
     """The typical plan among first calls: their median, leaving out those that also compiled a kernel (more than
     three times the median of all)."""
@@ -128,16 +73,14 @@ def plan_cost(first_calls: list[float]) -> float:
 
 
 def fit(store, env: str) -> HostModel:
-    from ..bench.host import SYNTHETIC, synthetic
-    from ..compile import cached_compile
-    from ..config import parse_config
+    from ..bench.host import SYNTHETIC
 
     rows = store.host(env)
-    backend = store.environment(env)[1].attention_backend
     if not any("layers" in r["point"] for r in rows):
         raise ValueError(f"environment {env} has no host calibration (run python -m dooly.bench.host on its GPU)")
+    kernels = {(r["point"]["model"], r["point"]["layers"]): KernelCount(*(r[f.name] for f in fields(KernelCount)))
+               for r in store.host_kernels(env)}
     names = list(SYNTHETIC)
-    graphs = {}
     by_phase: dict[str, list[tuple[dict, float]]] = {}
     for r in rows:
         by_phase.setdefault(r["phase"], []).append((r["point"], r["median_us"]))
@@ -147,13 +90,10 @@ def fit(store, env: str) -> HostModel:
         prep_X.append([1, point["R"], point["T"], point["K"], point["R"] * (types - 1)])
         prep_y.append(us)
     for point, us in by_phase.get("launch", []):
-        key = (point["model"], point["layers"])
-        if key not in graphs:
-            name = names[point["model"]]
-            cfg = parse_config(synthetic(name, point["layers"]), f"synthetic-{name}-{point['layers']}", name)
-            graphs[key] = cached_compile(cfg)
-        g = graphs[key]
-        count = KernelCount.of(g, backend)
+        count = kernels.get((point["model"], point["layers"]))
+        if count is None:
+            raise ValueError(f"environment {env}: no kernel counts stored for its host calibration (count them: "
+                             f"python -m dooly.bench.host --store {store.path} --kernels-only)")
         launch_X.append([1, float(count(point["R"], point["K"] > point["T"])), count.types])
         launch_y.append(us)
     for point, us in by_phase.get("update", []):

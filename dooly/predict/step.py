@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..bench.kernels import KernelCount, attention_keys
 from ..errors import DoolyError
 from ..ir.expr import evaluator, names
 from ..ir.graph import Graph
 from ..limits import Limits
 from ..passes.canonicalize import Signature, uses
-from .host import HostModel, KernelCount, attention_keys
+from .host import HostModel
 from .opmodel import Extrapolation, OpModel
 
 
@@ -229,22 +230,6 @@ def _starts(b: Batches) -> np.ndarray:
     return np.flatnonzero(np.r_[True, b.batch[1:] != b.batch[:-1]])
 
 
-def environment_name(store, backend: str | None = None) -> str:
-    """The store's environment measured with `backend` (a `dooly profile --backend` name; default: the engine's
-    default SDPA)."""
-    from ..profile import BACKENDS
-
-    backend = backend or "sdpa"
-    if backend not in BACKENDS:
-        raise DoolyError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
-    envs = store.environments()
-    name = next((e.name for e in envs if e.attention_backend == BACKENDS[backend][0]), None)
-    if name is None:
-        known = ", ".join(e.attention_backend for e in envs) or "none"
-        raise DoolyError(f"{store.path} has no measurements for the {backend} backend (it has: {known})")
-    return name
-
-
 def load_predictor(graph: Graph, store, env: str, layers: int | None = None) -> Predictor:
     """A predictor for `graph` from the store's measurements of the environment `env`."""
     from . import host as host_model
@@ -270,5 +255,4 @@ def load_predictor(graph: Graph, store, env: str, layers: int | None = None) -> 
     return Predictor(graph, ops, host, environment.attention_backend, layers)
 
 
-__all__ = ["Batches", "Extrapolation", "Prediction", "Predictor", "Signature", "Step", "environment_name",
-           "load_predictor"]
+__all__ = ["Batches", "Extrapolation", "Prediction", "Predictor", "Signature", "Step", "load_predictor"]

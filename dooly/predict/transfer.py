@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bench.roofline import LAUNCH_S, work
+from ..environment import resolve_environment
 from ..errors import DoolyError, command
 from ..passes.canonicalize import Signature, _make
 from ..store import Store
@@ -217,16 +218,6 @@ def _by_family(candidates: list[Candidate]) -> dict[str, list[int]]:
     for i, c in enumerate(candidates):
         out.setdefault(c.family, []).append(i)
     return out
-
-
-def resolve_environment(store: Store, name: str) -> str:
-    """An environment named in full, or by its `dooly profile --backend` name (sdpa, sdpa-efficient, ...)."""
-    from ..profile import BACKENDS
-    from .step import environment_name
-
-    if name in BACKENDS and name not in {e.name for e in store.environments()}:
-        return environment_name(store, name)
-    return store.environment(name)[1].name
 
 
 def target_signature(info: dict, target_backend: str) -> Signature:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         summary,
         synthetic,
     )
-    from .engine import H100_BYTES, cache_size, weight_bytes
+    from .transformers_cache import H100_BYTES, cache_size, weight_bytes
     from .vllm_cache import num_gpu_blocks
 
     requests = load_trace(args.trace, limits) if args.trace else synthetic(args.synthetic, args.seed, limits)
@@ -197,6 +198,40 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"throughput {throughput:.0f} output tokens/s over {len(outcome.steps)} steps; simulated in "
                   f"{seconds:.1f} s" if throughput else f"{len(outcome.steps)} steps; simulated in {seconds:.1f} s")
     console.print(f"wrote {out / 'requests.jsonl'}, {out / 'summary.json'}, " + ", ".join(map(str, figures)))
+    return 0
+
+
+@command
+def vidur_main(argv: list[str] | None = None) -> int:
+    from . import vidur
+
+    parser = argparse.ArgumentParser(prog="dooly export-vidur", description=vidur.__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path, help="a config.json, or a compiled IR (.ir, model.json)")
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--backend", help="attention backend whose measurements to use (default: sdpa)")
+    parser.add_argument("--out", type=Path, default=Path("out/vidur"), help="root of Vidur's profiling folders")
+    parser.add_argument("--device", default="h100", help="Vidur's device name in the path (default: h100)")
+    parser.add_argument("--model-name", help="Vidur's model name in the path (default: the model's file name)")
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", args.model_name or "x") or not re.fullmatch(r"[\w.-]+", args.device):
+        raise DoolyError("--model-name and --device may hold letters, digits, '.', '_', '-' (and one '/')")
+    from ..compile import load_model
+    from ..environment import environment_name
+    from ..predict import load_predictor
+    from ..store import Store
+
+    graph = load_model(args.config)
+    store = Store(args.store, readonly=True)
+    predictor = load_predictor(graph, store, environment_name(store, args.backend))
+    folder = args.out / "compute" / args.device / (args.model_name or graph.model)
+    result = vidur.export(graph, predictor, folder)
+    print(f"wrote {folder / 'mlp.csv'} ({result['mlp_rows']} token counts) and {folder / 'attention.csv'} "
+          f"({result['attention_rows']} prefill and decode shapes)")
+    print(f"left out (no Vidur column): {100 * result['left_out_share']:.1f}% of the GPU time of a step, on average "
+          "(final norm, LM head, sampling, batch preparation)")
+    if result["extrapolated"]:
+        print(f"warning: some rows extrapolate beyond the measured range: {'; '.join(result['extrapolated'])}",
+              file=sys.stderr)
     return 0
 
 

@@ -13,16 +13,14 @@ no place in Vidur's layout and are refused.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DoolyError, command
+from ..errors import DoolyError
 
 MLP_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
            "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")
@@ -142,38 +140,3 @@ def export(graph, predictor, out: Path, block_size: int = 256) -> dict:
     share = float(np.mean(left_out / p.gpu_us))
     return {"mlp_rows": len(mlp_rows), "attention_rows": len(attention_rows), "left_out_share": share,
             "extrapolated": sorted(set(p.extrapolated) | set(a.extrapolated))}
-
-
-@command
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dooly export-vidur", description=__doc__.splitlines()[0])
-    parser.add_argument("config", type=Path, help="a config.json, or a compiled IR (.ir, model.json)")
-    parser.add_argument("--store", type=Path, required=True)
-    parser.add_argument("--backend", help="attention backend whose measurements to use (default: sdpa)")
-    parser.add_argument("--out", type=Path, default=Path("out/vidur"), help="root of Vidur's profiling folders")
-    parser.add_argument("--device", default="h100", help="Vidur's device name in the path (default: h100)")
-    parser.add_argument("--model-name", help="Vidur's model name in the path (default: the model's file name)")
-    args = parser.parse_args(argv)
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", args.model_name or "x") or not re.fullmatch(r"[\w.-]+", args.device):
-        raise DoolyError("--model-name and --device may hold letters, digits, '.', '_', '-' (and one '/')")
-    from ..compile import load_model
-    from ..predict import environment_name, load_predictor
-    from ..store import Store
-
-    graph = load_model(args.config)
-    store = Store(args.store, readonly=True)
-    predictor = load_predictor(graph, store, environment_name(store, args.backend))
-    folder = args.out / "compute" / args.device / (args.model_name or graph.model)
-    result = export(graph, predictor, folder)
-    print(f"wrote {folder / 'mlp.csv'} ({result['mlp_rows']} token counts) and {folder / 'attention.csv'} "
-          f"({result['attention_rows']} prefill and decode shapes)")
-    print(f"left out (no Vidur column): {100 * result['left_out_share']:.1f}% of the GPU time of a step, on average "
-          "(final norm, LM head, sampling, batch preparation)")
-    if result["extrapolated"]:
-        print(f"warning: some rows extrapolate beyond the measured range: {'; '.join(result['extrapolated'])}",
-              file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

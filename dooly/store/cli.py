@@ -24,16 +24,17 @@ def recheck(store: Store, env_name: str | None, points: int, seed: int) -> list[
     import torch
 
     from ..bench.timer import measure
+    from ..environment import BACKENDS, DEFAULT_BACKEND, sdpa_context
     from ..passes import codegen
     from ..passes.canonicalize import Signature
-    from ..profile import BACKENDS, backend_context, load
+    from ..profile import load
 
     if not torch.cuda.is_available():
         raise DoolyError("dooly store recheck re-measures on a CUDA GPU, and this machine has none")
     if not store.environments():
         raise DoolyError(f"{store.path} has no environment to recheck")
     env = store.environment(env_name or store.environments()[0].name)[1]
-    backend = next((b for b, (attention, *_) in BACKENDS.items() if attention == env.attention_backend), None)
+    backend = next((b for b in BACKENDS.values() if b.attention == env.attention_backend), None)
     if backend is None:
         raise DoolyError(f"environment {env.name!r}: attention backend {env.attention_backend!r} is none of "
                          f"{', '.join(BACKENDS)}, so its attention cannot be run again here")
@@ -47,7 +48,7 @@ def recheck(store: Store, env_name: str | None, points: int, seed: int) -> list[
         sig = Signature(r["signature"], r["family"], tuple(json.loads(r["axes"])), json.loads(r["canonical"]))
         module = load(codegen.write([sig], folder)[sig.hash])
         point = json.loads(r["point"])
-        with backend_context(backend if sig.family == "attention" else "sdpa"):
+        with sdpa_context(backend if sig.family == "attention" else DEFAULT_BACKEND):
             again = measure(lambda: module.make_inputs(point, "cuda"), module.run, "cuda").stats().median_us
         out.append({"op": sig.op, "point": point, "stored_us": r["median_us"], "again_us": again,
                     "deviation": abs(again - r["median_us"]) / r["median_us"]})

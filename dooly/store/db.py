@@ -377,3 +377,17 @@ class Store:
         return [{**dict(r), "point": json.loads(r["point"])}
                 for r in self.db.execute("SELECT * FROM host_overhead WHERE environment = ?", (env_id,))]
 
+    def record_host_kernels(self, env_name: str, point: dict[str, int], kernels: dict[str, float]) -> None:
+        """The kernels a step of the calibration model at `point` launches: fixed, per_request, reading, fresh,
+        and its attention types."""
+        env_id, _ = self.environment(env_name)
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO host_kernels VALUES (?,?,?,?,?,?,?)",
+                            (env_id, point_key(point), kernels["fixed"], kernels["per_request"], kernels["reading"],
+                             kernels["fresh"], kernels["types"]))
+
+    def host_kernels(self, env_name: str) -> list[dict]:
+        env_id, _ = self.environment(env_name)
+        return [{**dict(r), "point": json.loads(r["point"])}
+                for r in self.db.execute("SELECT * FROM host_kernels WHERE environment = ?", (env_id,))]
+

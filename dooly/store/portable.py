@@ -24,7 +24,7 @@ FORMAT = "dooly-store"
 ENVIRONMENT = "environment"  # a column that refers to an environment: its name in the file, its id in a store
 ENVIRONMENT_SETTINGS = [f.name for f in fields(Environment) if f.name != "extra"]
 JSON_TEXT = {("environments", "extra"): dict, ("signatures", "axes"): list, ("signatures", "canonical"): dict}
-POINT_TEXT = {("measurements", "point"), ("host_overhead", "point")}
+POINT_TEXT = {("measurements", "point"), ("host_overhead", "point"), ("host_kernels", "point")}
 STATUSES = {"ok", "skipped", "transferred"}
 SIGNED = {("host_overhead", "median_us"), ("host_overhead", "p90_us")}  # differences of two host timings
 MAX_INTEGER = 2 ** 63 - 1  # SQLite's

@@ -67,6 +67,20 @@ MIGRATIONS = [
     """
     ALTER TABLE measurements ADD COLUMN gpu_s REAL NOT NULL DEFAULT 0
     """,
+    # 4: the kernels a step of each host-calibration model launches, counted on its IR when it was calibrated, so
+    # that fitting the host model needs no compiler
+    """
+    CREATE TABLE host_kernels (
+        environment INTEGER NOT NULL REFERENCES environments(id),
+        point TEXT NOT NULL,
+        fixed REAL NOT NULL,
+        per_request REAL NOT NULL,
+        reading REAL NOT NULL,
+        fresh REAL NOT NULL,
+        types INTEGER NOT NULL,
+        PRIMARY KEY (environment, point)
+    )
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,4 +1,4 @@
-"""How big the engine makes its KV cache on a GPU: transformers' own memory handler, asked on the CPU.
+"""How big transformers' engine makes its KV cache on a GPU: its own memory handler, asked on the CPU.
 
 Transformers continuous batching sizes its paged cache at start-up (`PagedAttentionMemoryHandler`): the memory left
 after the weights, times `max_memory_percent`, shared between the cache and the activation peaks of a step of
@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-H100_BYTES = 81559 * 2**20  # nvidia-smi's total for the lent "NVIDIA H100 80GB HBM3"
+from ..config import hf_config
+from ..environment import GPU_BYTES
+from ..errors import DoolyError
+from ..transformers_engine import BLOCK_SIZE, cache_capacity, model_class, no_weight_init
+
+H100_BYTES = GPU_BYTES["NVIDIA H100 80GB HBM3"]
 
 
 @dataclass(frozen=True)
@@ -26,41 +31,24 @@ def weight_bytes(cfg) -> int:
     """Bytes of the model's weights in bf16, from the model built on the meta device."""
     import torch
 
-    from ..capture.common import no_weight_init
-    from ..capture.transformers_cb import hf_config, model_class
-
     config = hf_config(cfg)
     with torch.device("meta"), no_weight_init():
         return sum(p.numel() * p.element_size() for p in model_class(config)(config).to(torch.bfloat16).parameters())
 
 
-def cache_size(cfg, gpu_bytes: int = H100_BYTES, block_size: int = 256, max_batch_tokens: int | None = None,
+def cache_size(cfg, gpu_bytes: int = H100_BYTES, block_size: int = BLOCK_SIZE, max_batch_tokens: int | None = None,
                max_memory_percent: float = 0.9) -> CacheSize:
     """The cache the engine would allocate for the model of `cfg` (a `dooly.config.ModelConfig`), in bf16."""
     import torch
     from transformers import ContinuousBatchingConfig
-    from transformers.generation.continuous_batching.cache import (
-        PagedAttentionMemoryHandler,
-        group_layers_by_attn_type,
-    )
-
-    from ..capture.transformers_cb import hf_config
-    from ..errors import DoolyError
 
     config = hf_config(cfg)
     weights = weight_bytes(cfg)
     available = int((gpu_bytes - weights) * max_memory_percent)
-
-    class Handler(PagedAttentionMemoryHandler):
-        def get_available_memory(self) -> int:
-            return available
-
-    groups, types = group_layers_by_attn_type(config)
     cb = ContinuousBatchingConfig(block_size=block_size, max_batch_tokens=max_batch_tokens,
                                   max_memory_percent=max_memory_percent)
     try:
-        handler = Handler(config, cb, torch.bfloat16, types, len(groups[0]))
-        tokens, blocks = handler.infer_max_batch_tokens_and_num_blocks()
+        tokens, blocks = cache_capacity(config, cb, torch.bfloat16, available)
     except (MemoryError, ValueError):
         raise DoolyError(f"{cfg.name}: {weights / 2**30:.1f} GiB of weights leave no room for a KV cache in "
                          f"{gpu_bytes / 2**30:.1f} GiB") from None
