@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..environment import CAPTURE_SIZES
 from ..errors import DoolyError
 from ..ir.expr import evaluate
 from ..ir.graph import Graph
 
-CAPTURE_SIZES = (1, 2, 4, *range(8, 257, 8))
 HOST_PHASE = "vllm-step"
 CALIBRATION_DEPTH = 2  # the tiny model's layers, for host rows that do not say theirs
 ATTENTION_OPS = {"vllm.unified_attention_with_output"}
