@@ -13,6 +13,7 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 from dooly import ray_backend  # noqa: E402
+from dooly.environment import backend  # noqa: E402
 from dooly.store import Store  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def _rows(path: Path) -> set[tuple]:
 def profiled(markers, tmp_path_factory):
     """A store profiled through Ray without incident, and its report."""
     path = tmp_path_factory.mktemp("clean") / "s.sqlite"
-    return path, ray_backend.profile(path, [_graph()], "sdpa", device="cpu")
+    return path, ray_backend.profile(path, [_graph()], backend("sdpa"), device="cpu")
 
 
 def test_profiling_through_ray_measures_every_signature_once(profiled):
@@ -88,7 +89,7 @@ def test_profiling_through_ray_measures_every_signature_once(profiled):
     measured = Store(path, create=False).measured(env)
     assert len(measured) == report["profiled"] == report["signatures"] - report["in_store"] > 10
     assert report["points_written"] == len(_rows(path))
-    again = ray_backend.profile(path, [_graph()], "sdpa", device="cpu")
+    again = ray_backend.profile(path, [_graph()], backend("sdpa"), device="cpu")
     assert again["profiled"] == 0 and again["in_store"] == report["signatures"] and again["points_written"] == 0
 
 
@@ -97,7 +98,7 @@ def test_a_worker_killed_mid_profile_is_retried_and_resumes_from_the_store(marke
 
     (markers / ray_fakes.ARMED).touch()
     killed = tmp_path / "killed.sqlite"
-    report = ray_backend.profile(killed, [_graph()], "sdpa", device="cpu")
+    report = ray_backend.profile(killed, [_graph()], backend("sdpa"), device="cpu")
     assert (markers / ray_fakes.FIRED).exists() and not (markers / ray_fakes.ARMED).exists()
     assert report["retried_tasks"] == 1 and report["left"] == 0
     # the points the killed task had sent were kept, and its retry measured only the rest: nothing twice
