@@ -6,11 +6,11 @@ The engine's config comes from `EngineArgs(...).create_engine_config()` for a on
 (query starts, sequence lengths, a block table of distinct random blocks, slot mapping) into the backend's metadata,
 and the layer's `impl.forward` runs over a paged KV cache of the backend's own shape. So FLASH_ATTN gets its
 ahead-of-time FA3 schedule and its CUDA-graph split bound, FLASHINFER its plan, TRITON_ATTN its launch grid, exactly
-as in a serving step. Timing is `dooly.bench.timer.measure`: copies of q/k/v/out rotated, CUDA-graph replays.
+as in a serving step. `dooly.vllm_profile` times the layer over `batch`'s metadata with `dooly.bench.timer.measure`.
 
 Compositions (`POINTS`) are uniform: R requests, each with q new tokens after c cached ones (decodes: q = 1; one
-prefill chunk: R = 1), keyed `{"R", "q", "c"}` under the attention op's signature in the vLLM environment; the KV-cache
-write is timed at token counts `{"M"}` under its own.
+prefill chunk: R = 1), keyed `{"R", "q", "c"}` under the attention op's signature in the vLLM environment; the
+layer's KV-cache write (`impl.do_kv_cache_update`) is timed at token counts `{"M"}` under its own.
 """
 
 from __future__ import annotations
@@ -97,43 +97,6 @@ class AttentionBench:
         with set_current_vllm_config(self.vc):
             metadata = self.builder.build(common_prefix_len=0, common_attn_metadata=common)
         return metadata, cache
-
-    def timing(self, point: dict[str, int]):
-        from .timer import measure
-
-        r, q, c = point["R"], point["q"], point["c"]
-        metadata, cache = self.batch([q] * r, [c] * r)
-        t = r * q
-
-        def make_inputs():
-            return (torch.randn(t, self.heads, self.head_dim, dtype=torch.bfloat16, device="cuda"),
-                    torch.randn(t, self.kv_heads, self.head_dim, dtype=torch.bfloat16, device="cuda"),
-                    torch.randn(t, self.kv_heads, self.head_dim, dtype=torch.bfloat16, device="cuda"),
-                    torch.empty(t, self.heads, self.head_dim, dtype=torch.bfloat16, device="cuda"))
-
-        def run(query, key, value, out):
-            return self.layer.impl.forward(self.layer, query, key, value, cache, metadata, out)
-
-        return measure(make_inputs, run, "cuda")
-
-    def write_timing(self, tokens: int):
-        """The KV-cache write of `tokens` new tokens (the backend's `do_kv_cache_update`, vLLM's splitting op
-        `unified_kv_cache_update`), into distinct slots of a cache of the backend's shape."""
-        from .timer import measure
-
-        blocks = -(-tokens // BLOCK) + 1
-        cache = torch.empty(self.backend.get_kv_cache_shape(blocks, BLOCK, self.kv_heads, self.head_dim),
-                            dtype=torch.bfloat16, device="cuda")
-        slots = torch.randperm(blocks * BLOCK - BLOCK, device="cuda")[:tokens] + BLOCK
-
-        def make_inputs():
-            return tuple(torch.randn(tokens, self.kv_heads, self.head_dim, dtype=torch.bfloat16, device="cuda")
-                         for _ in range(2))
-
-        def run(key, value):
-            return self.layer.impl.do_kv_cache_update(self.layer, key, value, cache, slots)
-
-        return measure(make_inputs, run, "cuda")
 
     def close(self) -> None:
         self.folder.cleanup()
