@@ -56,41 +56,48 @@ class Result:
 
 
 class _Hooks:
-    """Wraps the model runner's two step methods, class-wide, for as long as an engine is being timed."""
+    """Wraps the two step methods of both model runners, class-wide, for as long as an engine is being timed: 0.24
+    runs the V2 runner for the architectures it lists (Llama, Mistral, Qwen3, ...) and the V1 runner for the rest
+    (Qwen2, Phi-3, Gemma-2, ...)."""
 
     def __init__(self):
         import torch
-        from vllm.v1.worker.gpu.model_runner import GPUModelRunner  # the V2 runner, 0.24's default
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
 
-        self.torch, self.cls = torch, GPUModelRunner
+        self.torch = torch
         self.pending: list = []  # (scheduler output summary, start event, end event, host start, host end)
         self.origin = time.perf_counter()
         self.open = None
-        execute, sample = GPUModelRunner.execute_model, GPUModelRunner.sample_tokens
-        self.saved = (execute, sample)
-        hooks = self
+        self.saved = {cls: (cls.execute_model, cls.sample_tokens) for cls in (V1Runner, V2Runner)}
+        for cls, (execute, sample) in self.saved.items():
+            cls.execute_model, cls.sample_tokens = self._timed_execute(execute), self._timed_sample(sample)
 
+    def _timed_execute(self, execute):
         def timed_execute(runner, scheduler_output, *args, **kwargs):
             if kwargs.get("dummy_run"):
                 return execute(runner, scheduler_output, *args, **kwargs)
             summary = _composition(scheduler_output)
-            start = torch.cuda.Event(enable_timing=True)
+            start = self.torch.cuda.Event(enable_timing=True)
             start.record()
             t = time.perf_counter()
             out = execute(runner, scheduler_output, *args, **kwargs)
             if summary[0]:
-                hooks.open = (summary, start, t)
+                self.open = (summary, start, t)
                 if out is not None:  # the step sampled inside execute_model
-                    hooks._close()
+                    self._close()
             return out
 
+        return timed_execute
+
+    def _timed_sample(self, sample):
         def timed_sample(runner, *args, **kwargs):
             out = sample(runner, *args, **kwargs)
-            if hooks.open is not None:
-                hooks._close()
+            if self.open is not None:
+                self._close()
             return out
 
-        GPUModelRunner.execute_model, GPUModelRunner.sample_tokens = timed_execute, timed_sample
+        return timed_sample
 
     def _close(self):
         end = self.torch.cuda.Event(enable_timing=True)
@@ -110,7 +117,8 @@ class _Hooks:
         self.pending, self.origin = [], time.perf_counter()
 
     def remove(self) -> None:
-        self.cls.execute_model, self.cls.sample_tokens = self.saved
+        for cls, (execute, sample) in self.saved.items():
+            cls.execute_model, cls.sample_tokens = execute, sample
 
 
 def _composition(so) -> tuple[list[int], list[int]]:
@@ -195,7 +203,8 @@ class VllmEngine:
                 "cudagraph_capture_sizes": list(cc.cudagraph_capture_sizes or []),
                 "num_gpu_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
                 "prefix_caching": cache.enable_prefix_caching, "max_model_len": vc.model_config.max_model_len,
-                "attention_backend": str(vc.attention_config.backend), "startup_s": round(self.startup_s, 1)}
+                "attention_backend": str(vc.attention_config.backend),
+                "model_runner": "v2" if vc.use_v2_model_runner else "v1", "startup_s": round(self.startup_s, 1)}
 
     def close(self) -> None:
         import gc
@@ -244,18 +253,28 @@ def check() -> None:
 
 CALIBRATION_R = (1, 2, 4, 8, 16, 32, 64, 128)
 CALIBRATION_PROMPTS = (16, 64, 256, 512, 1024, 2048)
+CALIBRATION_LAYERS = (2, 16, 32)
+IDLE_S = 0.05  # a request arriving at an engine idle this long: nothing on the GPU to hide the host's launches
+REPEATS = 5
 
 
-CALIBRATION_LAYERS = (2, 16)
+def calibration_runs() -> list[list[tuple[float, int, int]]]:
+    """What the tiny model serves: decode batches of each size, lone prefills at once and after an idle spell, and a
+    prefill among decodes, each prefill run REPEATS times (a composition counts once it is seen three times)."""
+    runs = [[(0.0, 16, 48)] * r for r in CALIBRATION_R]
+    for p in CALIBRATION_PROMPTS:
+        runs += [[(0.0, p, 1)]] * REPEATS + [[(IDLE_S, p, 1)]] * REPEATS
+        runs += [[(0.0, 16, 48)] * 8 + [(0.005, p, 1)]] * REPEATS
+    return runs
 
 
-def calibrate(store_path: Path, backend: str, eager: bool) -> None:
+def calibrate(store_path: Path, backend: str, eager: bool, depths: tuple[int, ...], raw: Path | None) -> None:
     """The engine's own cost per step, apart from any model: a tiny model (`TINY`, whose forward takes microseconds)
-    at each depth of CALIBRATION_LAYERS, served on decode batches of each size in CALIBRATION_R and on lone prefills
-    of each length in CALIBRATION_PROMPTS; each (T, R, layers) composition's median step time goes into the store's
-    host table for the environment, phase `vllm-step`. It is what a step costs when the GPU waits on the host:
-    input preparation, attention metadata, launches (one graph and one attention call a layer in piecewise steps),
-    sampling, output processing."""
+    at each depth, serving `calibration_runs()`. Each (T, R, layers) composition's median GPU span goes into the
+    store's host table for the environment (phase `vllm-step`: what a step costs when the GPU waits on the host),
+    and its median host span from `execute_model` to the end of `sample_tokens` (phase `vllm-launch`: input
+    preparation, attention metadata, launches — one graph and one attention call a layer in piecewise steps, every
+    kernel of a layer above the captured sizes —, sampling). `raw` keeps every step of every run (JSON)."""
     import statistics
 
     import vllm
@@ -265,28 +284,65 @@ def calibrate(store_path: Path, backend: str, eager: bool) -> None:
 
     store = Store(store_path)
     env = store.add_environment(vllm_environment(backend, eager, vllm.__version__))
-    for layers in CALIBRATION_LAYERS:
+    kept: dict[str, list] = {}
+    for layers in depths:
         engine = VllmEngine({**TINY, "num_hidden_layers": layers}, backend=backend, eager=eager,
                             prefix_caching=False, max_model_len=4096)
-        samples: dict[tuple[int, int], list[float]] = {}
+        samples: dict[tuple[int, int], list[tuple[float, float]]] = {}
         try:
             engine.run([(0.0, 64, 8)] * 4)  # warm-up
-            runs = [[(0.0, 16, 48)] * r for r in CALIBRATION_R] + [[(0.0, p, 1)] for p in CALIBRATION_PROMPTS
-                                                                   for _ in range(5)]
-            runs += [[(0.0, 16, 48)] * 8 + [(0.005, p, 1)] for p in CALIBRATION_PROMPTS]  # prefills among decodes
-            for requests in runs:
+            for requests in calibration_runs():
                 steps, _ = engine.run(requests)
+                kept.setdefault(str(layers), []).append({"requests": requests, "steps": [asdict(s) for s in steps]})
                 for s in steps:
-                    samples.setdefault((sum(s.queries), len(s.queries)), []).append(s.forward_s * 1e6)
+                    samples.setdefault((sum(s.queries), len(s.queries)), []).append((s.forward_s * 1e6,
+                                                                                      s.host_s * 1e6))
         finally:
             engine.close()
-        for (t, r), us in sorted(samples.items()):
-            if len(us) >= 3:
-                us = sorted(us)
-                store.record_host(env.name, "vllm-step", {"T": t, "R": r, "layers": layers}, statistics.median(us),
-                                  us[min(len(us) - 1, int(0.9 * len(us)))], len(us))
-                print(f"  layers={layers:2d} T={t:5d} R={r:3d}: {statistics.median(us):8.0f} us over {len(us)} steps",
-                      flush=True)
+        for (t, r), pairs in sorted(samples.items()):
+            if len(pairs) < 3:
+                continue
+            point = {"T": t, "R": r, "layers": layers}
+            for phase, values in (("vllm-step", [f for f, _ in pairs]), ("vllm-launch", [h for _, h in pairs])):
+                values = sorted(values)
+                store.record_host(env.name, phase, point, statistics.median(values),
+                                  values[min(len(values) - 1, int(0.9 * len(values)))], len(values))
+            print(f"  layers={layers:2d} T={t:5d} R={r:3d}: GPU span {statistics.median(f for f, _ in pairs):8.0f} us, "
+                  f"host {statistics.median(h for _, h in pairs):8.0f} us over {len(pairs)} steps", flush=True)
+    if raw is not None:
+        raw.write_text(json.dumps({"environment": environment(backend, eager), "depths": kept}))
+
+
+class Clocks:
+    """The GPU's SM clock (MHz) and power (W) every 20 ms while a run lasts, each reading stamped on the run's
+    clock, so a step's clocks can be looked up by its start: a long prefill may run below the clocks a short
+    benchmark sees."""
+
+    def __init__(self, origin: float):
+        import threading
+
+        self.origin, self.samples = origin, []
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,"
+                                          "nounits", "-lms", "20"], stdout=subprocess.PIPE, text=True)
+        except OSError:
+            self.proc = None
+            return
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                sm, watts = (float(x) for x in line.split(","))
+                self.samples.append((round(time.perf_counter() - self.origin, 3), sm, watts))
+
+    def stop(self) -> list[tuple[float, float, float]]:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+            self.thread.join(timeout=1)
+        return self.samples
 
 
 def _vllm_traces(max_context: int) -> dict[str, tuple[list[tuple[float, int, int]], int]]:
@@ -326,9 +382,12 @@ def groundtruth(models: list[str], out: Path, backend: str, eager: bool, repeats
                 runs = []
                 for repeat in range(repeats + 1):  # the first run of each trace warms up, discarded
                     t = time.perf_counter()
+                    clocks = Clocks(t)
                     steps, reqs = engine.run(requests, shared_prefix=prefix)
+                    readings = clocks.stop()
                     if repeat:
-                        runs.append({"steps": [asdict(s) for s in steps], "requests": [asdict(r) for r in reqs]})
+                        runs.append({"steps": [asdict(s) for s in steps], "requests": [asdict(r) for r in reqs],
+                                     "clocks": {"origin": round(engine.hooks.origin - t, 4), "samples": readings}})
                     print(f"  {name} {trace} run {repeat}: {len(steps)} steps, {time.perf_counter() - t:.1f} s",
                           flush=True)
                 result["traces"][trace] = {"requests": requests, "shared_prefix": prefix, "runs": runs}
@@ -344,6 +403,8 @@ def main() -> None:
     c.add_argument("--store", type=Path, required=True)
     c.add_argument("--backend", default="FLASH_ATTN", choices=BACKENDS)
     c.add_argument("--eager", action="store_true")
+    c.add_argument("--layers", nargs="+", type=int, default=list(CALIBRATION_LAYERS), help="the tiny model's depths")
+    c.add_argument("--raw", type=Path, help="keep every calibration step here (JSON)")
     g = sub.add_parser("groundtruth")
     g.add_argument("--models", nargs="+", required=True)
     g.add_argument("--out", type=Path, required=True)
@@ -357,7 +418,7 @@ def main() -> None:
     if args.command == "check":
         check()
     elif args.command == "calibrate":
-        calibrate(args.store, args.backend, args.eager)
+        calibrate(args.store, args.backend, args.eager, tuple(args.layers), args.raw)
     else:
         layers = {k: int(v) for k, v in (item.split("=") for item in args.layers)}
         groundtruth(args.models, args.out, args.backend, args.eager, args.repeats, args.budget_s,
