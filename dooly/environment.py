@@ -112,6 +112,11 @@ def detect(backend: Backend, dtype: str = "bf16") -> Environment:
                        kv_cache_dtype=dtype, block_size=BLOCK_SIZE, attention_backend=backend.attention, extra=clocks)
 
 
+def vllm_environment_name(gpu: str, torch_version: str, eager: bool, engine_version: str, backend: str) -> str:
+    return (f"{gpu.replace('NVIDIA ', '').replace(' ', '-').lower()}/torch-{torch_version}/"
+            f"{VLLM_MODES[eager]}-{engine_version}/bf16/{backend}")
+
+
 def detect_vllm(backend: str, eager: bool, engine_version: str) -> Environment:
     """This machine's environment for vLLM with one of its attention backends, compiled or eager."""
     import torch
@@ -119,8 +124,7 @@ def detect_vllm(backend: str, eager: bool, engine_version: str) -> Environment:
 
     gpu = torch.cuda.get_device_name()
     engine = VLLM_MODES[eager]
-    name = (f"{gpu.replace('NVIDIA ', '').replace(' ', '-').lower()}/torch-{torch.__version__}/"
-            f"{engine}-{engine_version}/bf16/{backend}")
+    name = vllm_environment_name(gpu, torch.__version__, eager, engine_version, backend)
     extra = {"mode": "enforce_eager" if eager else "torch.compile+cudagraphs FULL_AND_PIECEWISE",
              "capture_sizes": list(CAPTURE_SIZES), "sm_mhz_max": nvidia_smi("clocks.max.sm"),
              "mem_mhz_max": nvidia_smi("clocks.max.memory"), "power_limit": nvidia_smi("power.limit")}

@@ -47,3 +47,42 @@ def test_recorded_ground_truth_is_consistent(path):
         if name.endswith("@inf"):  # everything arrives at once: the scheduler repeats itself exactly
             steps = [[(s["queries"], s["computed"]) for s in run["steps"]] for run in trace["runs"]]
             assert all(s == steps[0] for s in steps), name
+
+
+CALIBRATION = sorted((ROOT / "data" / "host" / "vllm-calibration").glob("*.json"))
+
+
+def test_calibration_rows_are_each_compositions_median_in_the_profiled_environment(tmp_path):
+    import shutil
+    import statistics
+
+    from dooly.bench.vllm_engine import record_calibration
+    from dooly.store import Store
+
+    store_path = tmp_path / "h200.sqlite"
+    shutil.copy(ROOT / "data" / "h200.sqlite", store_path)
+    raw = json.loads(CALIBRATION[0].read_text())
+    spans = {}
+    for run in raw["runs"]:
+        for s in run["steps"]:
+            spans.setdefault((sum(s["queries"]), len(s["queries"])), []).append(s["host_s"] * 1e6)
+    record_calibration(store_path, CALIBRATION[0])
+    store = Store(store_path)
+    env = next(e.name for e in store.environments() if e.attention_backend == "FLASH_ATTN")
+    rows = {(r["point"]["T"], r["point"]["R"]): r for r in store.host(env)
+            if r["phase"] == "vllm-launch" and r["point"].get("layers") == raw["layers"]}
+    seen = {k for k, v in spans.items() if len(v) >= 3}
+    assert set(rows) == seen and (1, 1) in seen  # once-seen compositions are left out
+    t, r = next(k for k in seen if k[0] > k[1] > 1)  # a prefill among decodes
+    assert rows[t, r]["median_us"] == pytest.approx(statistics.median(spans[t, r]))
+    assert rows[t, r]["repetitions"] == len(spans[t, r])
+
+
+def test_calibration_of_an_environment_the_store_lacks_is_refused(tmp_path):
+    from dooly.bench.vllm_engine import record_calibration
+    from dooly.errors import DoolyError
+    from dooly.store import Store
+
+    Store(tmp_path / "empty.sqlite").close()
+    with pytest.raises(DoolyError, match="no environment"):
+        record_calibration(tmp_path / "empty.sqlite", CALIBRATION[0])

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -228,7 +229,11 @@ def environment(backend: str, eager: bool) -> dict:
                                 capture_output=True, text=True).stdout.strip()
     except OSError:
         driver = "unknown"
-    return {"gpu": torch.cuda.get_device_name(), "driver": driver, "cuda": torch.version.cuda,
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    # the host's speed sets every host-bound step: a calibration holds for ground truth of the same CPU only
+    return {"gpu": torch.cuda.get_device_name(), "cpu": cpu, "cpus": os.cpu_count(), "driver": driver,
+            "cuda": torch.version.cuda,
             "torch": torch.__version__, "triton": triton.__version__, "engine": "vllm",
             "engine_version": vllm.__version__, "dtype": "bfloat16", "attention_backend": backend,
             "mode": "eager" if eager else "compiled+cudagraphs"}
@@ -268,49 +273,70 @@ def calibration_runs() -> list[list[tuple[float, int, int]]]:
     return runs
 
 
-def calibrate(store_path: Path, backend: str, eager: bool, depths: tuple[int, ...], raw: Path | None) -> None:
+def calibrate(store_path: Path, backend: str, eager: bool, depths: tuple[int, ...], raw: Path) -> None:
     """The engine's own cost per step, apart from any model: a tiny model (`TINY`, whose forward takes microseconds)
-    at each depth, serving `calibration_runs()`. Each (T, R, layers) composition's median GPU span goes into the
-    store's host table for the environment (phase `vllm-step`: what a step costs when the GPU waits on the host),
-    and its median host span from `execute_model` to the end of `sample_tokens` (phase `vllm-launch`: input
-    preparation, attention metadata, launches — one graph and one attention call a layer in piecewise steps, every
-    kernel of a layer above the captured sizes —, sampling). `raw` keeps every step of every run (JSON)."""
+    at each depth, serving `calibration_runs()`, every step kept in `raw/<depth>.json` and recorded into the store
+    (`record_calibration`). One process a depth: a closed engine does not give its GPU memory back."""
+    raw.mkdir(parents=True, exist_ok=True)
+    if len(depths) > 1:
+        for layers in depths:
+            subprocess.run([sys.executable, "-m", __name__, "calibrate", "--store", str(store_path), "--backend",
+                            backend, *(["--eager"] if eager else []), "--layers", str(layers), "--raw", str(raw)],
+                           check=True)
+        return
+    (layers,) = depths
+    engine = VllmEngine({**TINY, "num_hidden_layers": layers}, backend=backend, eager=eager, prefix_caching=False,
+                        max_model_len=4096)
+    runs = []
+    try:
+        engine.run([(0.0, 64, 8)] * 4)  # warm-up
+        for requests in calibration_runs():
+            steps, _ = engine.run(requests)
+            runs.append({"requests": requests, "steps": [asdict(s) for s in steps]})
+    finally:
+        engine.close()
+    path = raw / f"{layers}.json"
+    path.write_text(json.dumps({"environment": environment(backend, eager), "layers": layers, "runs": runs}))
+    record_calibration(store_path, path)
+
+
+def record_calibration(store_path: Path, path: Path) -> None:
+    """One depth's calibration steps (`calibrate`'s raw file) into the store's host table for its environment: each
+    (T, R, layers) composition seen at least three times, its median GPU span (phase `vllm-step`: what a step costs
+    when the GPU waits on the host) and its median host span from `execute_model` to the end of `sample_tokens`
+    (phase `vllm-launch`: input preparation, attention metadata, launches — one graph and one attention call a
+    layer in piecewise steps, every kernel of a layer above the captured sizes —, sampling)."""
     import statistics
 
-    import vllm
-
-    from ..environment import detect_vllm as vllm_environment
+    from ..environment import vllm_environment_name
+    from ..errors import DoolyError
     from ..store import Store
 
+    data = json.loads(path.read_text())
+    env_info, layers = data["environment"], data["layers"]
+    samples: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for run in data["runs"]:
+        for s in run["steps"]:
+            samples.setdefault((sum(s["queries"]), len(s["queries"])), []).append((s["forward_s"] * 1e6,
+                                                                                  s["host_s"] * 1e6))
     store = Store(store_path)
-    env = store.add_environment(vllm_environment(backend, eager, vllm.__version__))
-    kept: dict[str, list] = {}
-    for layers in depths:
-        engine = VllmEngine({**TINY, "num_hidden_layers": layers}, backend=backend, eager=eager,
-                            prefix_caching=False, max_model_len=4096)
-        samples: dict[tuple[int, int], list[tuple[float, float]]] = {}
-        try:
-            engine.run([(0.0, 64, 8)] * 4)  # warm-up
-            for requests in calibration_runs():
-                steps, _ = engine.run(requests)
-                kept.setdefault(str(layers), []).append({"requests": requests, "steps": [asdict(s) for s in steps]})
-                for s in steps:
-                    samples.setdefault((sum(s.queries), len(s.queries)), []).append((s.forward_s * 1e6,
-                                                                                      s.host_s * 1e6))
-        finally:
-            engine.close()
+    try:
+        name = vllm_environment_name(env_info["gpu"], env_info["torch"], env_info["mode"] == "eager",
+                                     env_info["engine_version"], env_info["attention_backend"])
+        if name not in {e.name for e in store.environments()}:
+            raise DoolyError(f"{store_path}: no environment {name} (calibrate where it was profiled)")
         for (t, r), pairs in sorted(samples.items()):
             if len(pairs) < 3:
                 continue
             point = {"T": t, "R": r, "layers": layers}
             for phase, values in (("vllm-step", [f for f, _ in pairs]), ("vllm-launch", [h for _, h in pairs])):
                 values = sorted(values)
-                store.record_host(env.name, phase, point, statistics.median(values),
+                store.record_host(name, phase, point, statistics.median(values),
                                   values[min(len(values) - 1, int(0.9 * len(values)))], len(values))
             print(f"  layers={layers:2d} T={t:5d} R={r:3d}: GPU span {statistics.median(f for f, _ in pairs):8.0f} us, "
                   f"host {statistics.median(h for _, h in pairs):8.0f} us over {len(pairs)} steps", flush=True)
-    if raw is not None:
-        raw.write_text(json.dumps({"environment": environment(backend, eager), "depths": kept}))
+    finally:
+        store.close()  # a WAL store is whole in its one file only once its last connection has closed
 
 
 class Clocks:
@@ -404,7 +430,11 @@ def main() -> None:
     c.add_argument("--backend", default="FLASH_ATTN", choices=BACKENDS)
     c.add_argument("--eager", action="store_true")
     c.add_argument("--layers", nargs="+", type=int, default=list(CALIBRATION_LAYERS), help="the tiny model's depths")
-    c.add_argument("--raw", type=Path, help="keep every calibration step here (JSON)")
+    c.add_argument("--raw", type=Path, default=Path("data/host/vllm-calibration"),
+                   help="folder for every calibration step, one JSON file a depth")
+    r = sub.add_parser("record", help="record calibration steps kept by calibrate into a store")
+    r.add_argument("raw", nargs="+", type=Path)
+    r.add_argument("--store", type=Path, required=True)
     g = sub.add_parser("groundtruth")
     g.add_argument("--models", nargs="+", required=True)
     g.add_argument("--out", type=Path, required=True)
@@ -419,6 +449,9 @@ def main() -> None:
         check()
     elif args.command == "calibrate":
         calibrate(args.store, args.backend, args.eager, tuple(args.layers), args.raw)
+    elif args.command == "record":
+        for path in args.raw:
+            record_calibration(args.store, path)
     else:
         layers = {k: int(v) for k, v in (item.split("=") for item in args.layers)}
         groundtruth(args.models, args.out, args.backend, args.eager, args.repeats, args.budget_s,
