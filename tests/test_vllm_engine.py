@@ -86,3 +86,17 @@ def test_calibration_of_an_environment_the_store_lacks_is_refused(tmp_path):
     Store(tmp_path / "empty.sqlite").close()
     with pytest.raises(DoolyError, match="no environment"):
         record_calibration(tmp_path / "empty.sqlite", CALIBRATION[0])
+
+
+@pytest.mark.parametrize("text", ["not json", "{}", '{"environment": {}, "layers": 2, "runs": []}',
+                                  json.dumps({"environment": {k: "x" for k in ("gpu", "torch", "engine_version",
+                                                                                "attention_backend", "mode")},
+                                              "layers": 2, "runs": [{"steps": [{"queries": [1], "forward_s": "1",
+                                                                                "host_s": 0.1}]}]})])
+def test_a_malformed_calibration_file_is_one_error_line_and_exit_code_2(tmp_path, text, capsys):
+    from dooly.bench.vllm_engine import main
+
+    (tmp_path / "raw.json").write_text(text)
+    assert main(["record", str(tmp_path / "raw.json"), "--store", str(tmp_path / "s.sqlite")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "calibration file" in err[0]

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..environment import VLLM_BACKENDS as BACKENDS
+from ..errors import command
 
 CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
 TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
@@ -300,6 +301,30 @@ def calibrate(store_path: Path, backend: str, eager: bool, depths: tuple[int, ..
     record_calibration(store_path, path)
 
 
+def _calibration_file(path: Path) -> dict:
+    """A raw calibration file as `calibrate` writes it, or one DoolyError saying what is wrong with it."""
+    from ..errors import DoolyError
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DoolyError(f"{path}: not a readable JSON calibration file ({type(e).__name__})") from None
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e3  # noqa: E731
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**6  # noqa: E731
+    env = data.get("environment") if isinstance(data, dict) else None
+    ok = (isinstance(env, dict) and all(isinstance(env.get(k), str) for k in
+                                        ("gpu", "torch", "engine_version", "attention_backend", "mode"))
+          and count(data.get("layers")) and isinstance(data.get("runs"), list)
+          and all(isinstance(run, dict) and isinstance(run.get("steps"), list) and all(
+              isinstance(st, dict) and isinstance(st.get("queries"), list) and st["queries"]
+              and all(map(count, st["queries"])) and number(st.get("forward_s")) and number(st.get("host_s"))
+              for st in run["steps"]) for run in data["runs"]))
+    if not ok:
+        raise DoolyError(f"{path}: a calibration file holds environment (gpu, torch, engine_version, "
+                         "attention_backend, mode), layers and runs of steps (queries, forward_s, host_s)")
+    return data
+
+
 def record_calibration(store_path: Path, path: Path) -> None:
     """One depth's calibration steps (`calibrate`'s raw file) into the store's host table for its environment: each
     (T, R, layers) composition seen at least three times, its median GPU span (phase `vllm-step`: what a step costs
@@ -312,7 +337,7 @@ def record_calibration(store_path: Path, path: Path) -> None:
     from ..errors import DoolyError
     from ..store import Store
 
-    data = json.loads(path.read_text())
+    data = _calibration_file(path)
     env_info, layers = data["environment"], data["layers"]
     samples: dict[tuple[int, int], list[tuple[float, float]]] = {}
     for run in data["runs"]:
@@ -421,7 +446,8 @@ def groundtruth(models: list[str], out: Path, backend: str, eager: bool, repeats
         print(f"{name}: done, {time.monotonic() - start:.0f} s so far", flush=True)
 
 
-def main() -> None:
+@command
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check")
@@ -444,7 +470,7 @@ def main() -> None:
     g.add_argument("--budget-s", type=float, default=float("inf"))
     g.add_argument("--traces", nargs="+", default=[], choices=["chat", "long", "burst", "decode", "longctx", "prefix"])
     g.add_argument("--layers", nargs="*", default=[], metavar="MODEL=N", help="run MODEL at reduced depth N")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.command == "check":
         check()
     elif args.command == "calibrate":
@@ -456,7 +482,8 @@ def main() -> None:
         layers = {k: int(v) for k, v in (item.split("=") for item in args.layers)}
         groundtruth(args.models, args.out, args.backend, args.eager, args.repeats, args.budget_s,
                     tuple(args.traces), layers)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
