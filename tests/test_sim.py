@@ -160,3 +160,25 @@ def test_simulate_refuses_bad_input_in_one_line(shipped, tmp_path):
                  ["--synthetic", "poisson:n=3", "--num-blocks", "0"]):
         r = dooly("simulate", ROOT / "configs" / "llama-3.2-1b.json", "--store", shipped, *args)
         assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_simulate_a_vllm_ir_serves_it_with_vllms_scheduler_and_its_compiled_step(tmp_path):
+    from dooly.compile import load_model
+    from dooly.predict.vllm_step import step_model
+    from dooly.store import Store
+
+    out = tmp_path / "sim"
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival": 0, "prompt": 300, "output": 4}\n')
+    r = dooly("simulate", ROOT / "data" / "vllm-ir" / "llama-3.1-8b.ir", "--store", ROOT / "data" / "h200.sqlite",
+              "--trace", trace, "--num-blocks", 1000, "--max-batch-tokens", 2048, "--json", "--out", out)
+    assert r.returncode == 0, r.stderr
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["scheduler"] == "vllm" and settings["environment"].endswith("/vllm-0.24.0/bf16/FLASH_ATTN")
+    row = json.loads((out / "requests.jsonl").read_text())
+    model = step_model(load_model(ROOT / "data" / "vllm-ir" / "llama-3.1-8b.ir"),
+                       Store(ROOT / "data" / "h200.sqlite", readonly=True), "FLASH_ATTN")
+    # one request: a 300-token prefill step, then three decode steps of its growing context
+    steps = [[(300, 300)], [(1, 301)], [(1, 302)], [(1, 303)]]
+    assert row["ttft_ms"] == pytest.approx(model.step_us(steps[0]) / 1e3, rel=1e-6)
+    assert row["e2e_ms"] == pytest.approx(sum(model.step_us(b) for b in steps) / 1e3, rel=1e-6)

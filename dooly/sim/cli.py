@@ -5,7 +5,10 @@
 
 Writes per-request TTFT, TPOT and end-to-end latency (`requests.jsonl`), the summary (`summary.json`), and plots
 (`latency_cdf.png`, `batch_size.png`) under `--out`; prints the summary as a table, or with `--json` as JSON.
-The engine's settings default to what transformers continuous batching resolves on the store's GPU.
+The engine's settings default to what transformers continuous batching resolves on the store's GPU. A vLLM IR
+(`dooly compile CONFIG --frontend vllm`) is served by vLLM v1's scheduler (chunked prefill, prefix caching, async
+scheduling), each step timed as vLLM's compiled mode runs it (`dooly.predict.vllm_step`), from the store's vLLM
+environment for `--backend` (default FLASH_ATTN).
 """
 
 from __future__ import annotations
@@ -138,8 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is not None:
         warn_beyond_context(requests, cfg)
     store = Store(args.store, readonly=True)
-    env = environment_name(store, args.backend)
-    predictor = load_predictor(graph, store, env)
+    vllm_ir = graph.meta.get("engine") == "vllm"
+    if vllm_ir:  # vLLM's compiled step, piece by piece, under its own scheduler
+        from ..predict.vllm_step import step_model, vllm_environment
+
+        args.scheduler = "vllm"
+        env = vllm_environment(store, args.backend or "FLASH_ATTN")
+        model = step_model(graph, store, args.backend or "FLASH_ATTN")
+        step_time, extrapolated = (lambda batch: model.step_us(batch) * 1e-6), set()
+    else:
+        env = environment_name(store, args.backend)
+        predictor = load_predictor(graph, store, env)
     block = args.block_size or (256 if args.scheduler == "cb" else 16)
     blocks = args.num_blocks
     if blocks is None:
@@ -149,17 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         blocks = (num_gpu_blocks(cfg, gpu, weight_bytes(cfg)) if args.scheduler == "vllm"
                   else cache_size(cfg, gpu, 256, args.max_batch_tokens).num_blocks * 256 // block)
     scheduler = engine_scheduler(args.scheduler, blocks, block, args.max_batch_tokens, args.max_requests or 1024)
-    knobs = Knobs(use_cuda_graph=args.cuda_graphs, max_batch_tokens=args.max_batch_tokens,
-                  use_async_batching=args.async_batching)
+    if not vllm_ir:
+        knobs = Knobs(use_cuda_graph=args.cuda_graphs, max_batch_tokens=args.max_batch_tokens,
+                      use_async_batching=args.async_batching)
+        step_time, extrapolated = StepTime(predictor, knobs), predictor.extrapolated
     started = time.perf_counter()
     if args.json:
-        outcome = simulate(requests, scheduler, StepTime(predictor, knobs), limits["steps"])
+        outcome = simulate(requests, scheduler, step_time, limits["steps"])
     else:
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
             task = bar.add_task(f"simulating {len(requests)} requests", total=len(requests))
-            outcome = simulate(requests, scheduler, StepTime(predictor, knobs), limits["steps"],
+            outcome = simulate(requests, scheduler, step_time, limits["steps"],
                                progress=lambda done: bar.update(task, completed=done))
     seconds = time.perf_counter() - started
     result = summary(outcome)
@@ -172,11 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                     + "\n")
     settings = {"model": graph.model, "environment": env, "scheduler": args.scheduler, "num_blocks": blocks,
                 "block_size": block, "max_batch_tokens": args.max_batch_tokens, "steps": len(outcome.steps),
-                "simulated_in_s": seconds, "predictions_beyond_measured_range": sorted(predictor.extrapolated)}
+                "simulated_in_s": seconds, "predictions_beyond_measured_range": sorted(extrapolated)}
     (out / "summary.json").write_text(json.dumps({**result, "settings": settings}, indent=1))
     figures = plots(outcome, out, f"{graph.model} ({args.scheduler})")
-    if predictor.extrapolated:
-        print(f"warning: some steps extrapolate beyond the measured range: {'; '.join(sorted(predictor.extrapolated))}",
+    if extrapolated:
+        print(f"warning: some steps extrapolate beyond the measured range: {'; '.join(sorted(extrapolated))}",
               file=sys.stderr)
     if args.json:
         print(json.dumps(result))
