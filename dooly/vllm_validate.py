@@ -90,23 +90,12 @@ def _prompt_tokens(requests, shared: int) -> dict[int, list[int]]:
             + [(r.id + 1) * 10**6 + j for j in range(r.prompt - min(shared, r.prompt))] for r in requests}
 
 
-def _seen_ttft(outcome, async_scheduling: bool) -> np.ndarray:
-    """Each request's TTFT as the engine's caller sees it: with asynchronous scheduling a step's tokens come back
-    from the engine with the next step's (the host reads them while the GPU runs that one)."""
-    first = np.array([r["arrival"] + r["ttft"] for r in outcome.requests])
-    if async_scheduling and outcome.steps:
-        ends = np.array([s["time"] for s in outcome.steps])
-        later = np.searchsorted(ends, first, side="right")
-        first = np.where(later < len(ends), ends[np.minimum(later, len(ends) - 1)], first)
-    return first - np.array([r["arrival"] for r in outcome.requests])
-
-
 def validate_vllm_model(truth: dict, graph, store, log=print, max_steps: int = 10**6):
     """The errors of predicting one model's vLLM ground truth (`graph`, its vLLM IR) from the store; None (said in
     the log) where the store lacks what its environment runs."""
     from .predict.vllm_step import step_model
     from .sim.schedulers import VLLMv1
-    from .sim.simulator import simulate
+    from .sim.simulator import seen_one_step_later, simulate
     from .sim.workload import Request
     from .validate import Row, request_truth, steps_of
 
@@ -132,7 +121,9 @@ def validate_vllm_model(truth: dict, graph, store, log=print, max_steps: int = 1
                            prompt_tokens=_prompt_tokens(reqs, trace["shared_prefix"]))
         outcome = simulate(reqs, scheduler, _StepTime(model), max_steps)
         out = outcome.requests
-        p_ttft = _seen_ttft(outcome, config["async_scheduling"])
+        if config["async_scheduling"]:
+            outcome = seen_one_step_later(outcome)
+        p_ttft = np.array([r["ttft"] for r in outcome.requests])
         p_tpot = np.array([r["tpot"] if r["tpot"] is not None else np.nan for r in out], dtype=float)
         ok = ~np.isnan(m_ttft)
         t_err += list(np.abs(p_ttft[ok] - m_ttft[ok]) / m_ttft[ok])

@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         summary,
         synthetic,
     )
+    from .simulator import seen_one_step_later
     from .transformers_cache import H100_BYTES, cache_size, weight_bytes
     from .vllm_cache import num_gpu_blocks
 
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             outcome = simulate(requests, scheduler, step_time, limits["steps"],
                                progress=lambda done: bar.update(task, completed=done))
     seconds = time.perf_counter() - started
+    if vllm_ir:  # vLLM's default: asynchronous scheduling
+        outcome = seen_one_step_later(outcome)
     result = summary(outcome)
     out = out or Path("out/simulate") / graph.model
     out.mkdir(parents=True, exist_ok=True)

@@ -136,6 +136,19 @@ def simulate(requests: list[Request], scheduler, step_time, max_steps: int = LIM
     return Outcome(rows, steps)
 
 
+def seen_one_step_later(outcome: Outcome) -> Outcome:
+    """The outcome as the caller of an engine with asynchronous scheduling sees it: a step's first tokens come back
+    with the next step's (the host reads them while the GPU runs that one), so each TTFT ends with the step after
+    the one that computed it, where there is one."""
+    ends = np.array([s["time"] for s in outcome.steps])
+    rows = []
+    for r in outcome.requests:
+        first = r["arrival"] + r["ttft"]
+        later = int(np.searchsorted(ends, first, side="right"))
+        rows.append({**r, "ttft": (ends[later] if later < len(ends) else first) - r["arrival"]})
+    return Outcome(rows, outcome.steps)
+
+
 def summary(outcome: Outcome) -> dict:
     def stats(values):
         v = np.array([x for x in values if x is not None], dtype=float) * 1e3
