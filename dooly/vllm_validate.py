@@ -120,10 +120,10 @@ def validate_vllm_model(truth: dict, graph, store, log=print, max_steps: int = 1
                            config["max_num_seqs"], config["prefix_caching"], config["async_scheduling"],
                            prompt_tokens=_prompt_tokens(reqs, trace["shared_prefix"]))
         outcome = simulate(reqs, scheduler, _StepTime(model), max_steps)
-        out = outcome.requests
         if config["async_scheduling"]:
             outcome = seen_one_step_later(outcome)
-        p_ttft = np.array([r["ttft"] for r in outcome.requests])
+        out = outcome.requests
+        p_ttft = np.array([r["ttft"] for r in out])
         p_tpot = np.array([r["tpot"] if r["tpot"] is not None else np.nan for r in out], dtype=float)
         ok = ~np.isnan(m_ttft)
         t_err += list(np.abs(p_ttft[ok] - m_ttft[ok]) / m_ttft[ok])

@@ -354,12 +354,13 @@ def record_calibration(store_path: Path, path: Path) -> None:
             if len(pairs) < 3:
                 continue
             point = {"T": t, "R": r, "layers": layers}
-            for phase, values in (("vllm-step", [f for f, _ in pairs]), ("vllm-launch", [h for _, h in pairs])):
-                values = sorted(values)
-                store.record_host(name, phase, point, statistics.median(values),
-                                  values[min(len(values) - 1, int(0.9 * len(values)))], len(values))
-            print(f"  layers={layers:2d} T={t:5d} R={r:3d}: GPU span {statistics.median(f for f, _ in pairs):8.0f} us, "
-                  f"host {statistics.median(h for _, h in pairs):8.0f} us over {len(pairs)} steps", flush=True)
+            spans = {"vllm-step": sorted(f for f, _ in pairs), "vllm-launch": sorted(h for _, h in pairs)}
+            medians = {phase: statistics.median(values) for phase, values in spans.items()}
+            for phase, values in spans.items():
+                store.record_host(name, phase, point, medians[phase], values[min(len(values) - 1,
+                                                                               int(0.9 * len(values)))], len(values))
+            print(f"  layers={layers:2d} T={t:5d} R={r:3d}: GPU span {medians['vllm-step']:8.0f} us, host "
+                  f"{medians['vllm-launch']:8.0f} us over {len(pairs)} steps", flush=True)
     finally:
         store.close()  # a WAL store is whole in its one file only once its last connection has closed
 

@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         env = environment_name(store, args.backend)
         predictor = load_predictor(graph, store, env)
+        knobs = Knobs(use_cuda_graph=args.cuda_graphs, max_batch_tokens=args.max_batch_tokens,
+                      use_async_batching=args.async_batching)
+        step_time, extrapolated = StepTime(predictor, knobs), predictor.extrapolated
     block = args.block_size or (256 if args.scheduler == "cb" else 16)
     blocks = args.num_blocks
     if blocks is None:
@@ -162,10 +165,6 @@ def main(argv: list[str] | None = None) -> int:
         blocks = (num_gpu_blocks(cfg, gpu, weight_bytes(cfg)) if args.scheduler == "vllm"
                   else cache_size(cfg, gpu, 256, args.max_batch_tokens).num_blocks * 256 // block)
     scheduler = engine_scheduler(args.scheduler, blocks, block, args.max_batch_tokens, args.max_requests or 1024)
-    if not vllm_ir:
-        knobs = Knobs(use_cuda_graph=args.cuda_graphs, max_batch_tokens=args.max_batch_tokens,
-                      use_async_batching=args.async_batching)
-        step_time, extrapolated = StepTime(predictor, knobs), predictor.extrapolated
     started = time.perf_counter()
     if args.json:
         outcome = simulate(requests, scheduler, step_time, limits["steps"])
