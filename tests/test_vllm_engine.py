@@ -49,7 +49,7 @@ def test_recorded_ground_truth_is_consistent(path):
             assert all(s == steps[0] for s in steps), name
 
 
-CALIBRATION = sorted((ROOT / "data" / "host" / "vllm-calibration").glob("*.json"))
+CALIBRATION = sorted((ROOT / "data" / "host" / "vllm-calibration").glob("*/*.json"))
 
 
 def test_calibration_rows_are_each_compositions_median_in_the_profiled_environment(tmp_path):
@@ -62,10 +62,13 @@ def test_calibration_rows_are_each_compositions_median_in_the_profiled_environme
     store_path = tmp_path / "h200.sqlite"
     shutil.copy(ROOT / "data" / "h200.sqlite", store_path)
     raw = json.loads(CALIBRATION[0].read_text())
-    spans = {}
+    spans, cycles = {}, {}
     for run in raw["runs"]:
-        for s in run["steps"]:
-            spans.setdefault((sum(s["queries"]), len(s["queries"])), []).append(s["host_s"] * 1e6)
+        for s, after in zip(run["steps"], run["steps"][1:] + [None]):
+            key = (sum(s["queries"]), len(s["queries"]))
+            spans.setdefault(key, []).append(s["host_s"] * 1e6)
+            if after is not None:
+                cycles.setdefault(key, []).append((after["start"] - s["start"]) * 1e6)
     record_calibration(store_path, CALIBRATION[0])
     store = Store(store_path)
     env = next(e.name for e in store.environments() if e.attention_backend == "FLASH_ATTN")
@@ -76,6 +79,10 @@ def test_calibration_rows_are_each_compositions_median_in_the_profiled_environme
     t, r = next(k for k in seen if k[0] > k[1] > 1)  # a prefill among decodes
     assert rows[t, r]["median_us"] == pytest.approx(statistics.median(spans[t, r]))
     assert rows[t, r]["repetitions"] == len(spans[t, r])
+    cycle = {(r["point"]["T"], r["point"]["R"]): r["median_us"] for r in store.host(env)
+             if r["phase"] == "vllm-cycle" and r["point"].get("layers") == raw["layers"]}
+    assert set(cycle) == {k for k, v in cycles.items() if len(v) >= 3}
+    assert cycle[8, 8] == pytest.approx(statistics.median(cycles[8, 8]))  # a step's start to the next one's
 
 
 def test_calibration_of_an_environment_the_store_lacks_is_refused(tmp_path):

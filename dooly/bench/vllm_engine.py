@@ -281,9 +281,9 @@ def calibrate(store_path: Path, backend: str, eager: bool, depths: tuple[int, ..
     raw.mkdir(parents=True, exist_ok=True)
     if len(depths) > 1:
         for layers in depths:
-            subprocess.run([sys.executable, "-m", __name__, "calibrate", "--store", str(store_path), "--backend",
-                            backend, *(["--eager"] if eager else []), "--layers", str(layers), "--raw", str(raw)],
-                           check=True)
+            subprocess.run([sys.executable, "-m", "dooly.bench.vllm_engine", "calibrate", "--store", str(store_path),
+                            "--backend", backend, *(["--eager"] if eager else []), "--layers", str(layers),
+                            "--raw", str(raw)], check=True)
         return
     (layers,) = depths
     engine = VllmEngine({**TINY, "num_hidden_layers": layers}, backend=backend, eager=eager, prefix_caching=False,
@@ -318,19 +318,22 @@ def _calibration_file(path: Path) -> dict:
           and all(isinstance(run, dict) and isinstance(run.get("steps"), list) and all(
               isinstance(st, dict) and isinstance(st.get("queries"), list) and st["queries"]
               and all(map(count, st["queries"])) and number(st.get("forward_s")) and number(st.get("host_s"))
+              and number(st.get("start"))
               for st in run["steps"]) for run in data["runs"]))
     if not ok:
         raise DoolyError(f"{path}: a calibration file holds environment (gpu, torch, engine_version, "
-                         "attention_backend, mode), layers and runs of steps (queries, forward_s, host_s)")
+                         "attention_backend, mode), layers and runs of steps (queries, forward_s, host_s, start)")
     return data
 
 
 def record_calibration(store_path: Path, path: Path) -> None:
     """One depth's calibration steps (`calibrate`'s raw file) into the store's host table for its environment: each
     (T, R, layers) composition seen at least three times, its median GPU span (phase `vllm-step`: what a step costs
-    when the GPU waits on the host) and its median host span from `execute_model` to the end of `sample_tokens`
+    when the GPU waits on the host), its median host span from `execute_model` to the end of `sample_tokens`
     (phase `vllm-launch`: input preparation, attention metadata, launches — one graph and one attention call a
-    layer in piecewise steps, every kernel of a layer above the captured sizes —, sampling)."""
+    layer in piecewise steps, every kernel of a layer above the captured sizes —, sampling) and its median host
+    cycle, from its `execute_model` to the next step's (phase `vllm-cycle`: the launch span plus scheduling and
+    output processing, which is how often a host-bound engine steps)."""
     import statistics
 
     from ..environment import vllm_environment_name
@@ -339,28 +342,36 @@ def record_calibration(store_path: Path, path: Path) -> None:
 
     data = _calibration_file(path)
     env_info, layers = data["environment"], data["layers"]
-    samples: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    samples: dict[tuple[int, int], dict[str, list[float]]] = {}
     for run in data["runs"]:
-        for s in run["steps"]:
-            samples.setdefault((sum(s["queries"]), len(s["queries"])), []).append((s["forward_s"] * 1e6,
-                                                                                  s["host_s"] * 1e6))
+        steps = run["steps"]
+        for i, s in enumerate(steps):
+            spans = samples.setdefault((sum(s["queries"]), len(s["queries"])),
+                                       {"vllm-step": [], "vllm-launch": [], "vllm-cycle": []})
+            spans["vllm-step"].append(s["forward_s"] * 1e6)
+            spans["vllm-launch"].append(s["host_s"] * 1e6)
+            if i + 1 < len(steps):
+                spans["vllm-cycle"].append((steps[i + 1]["start"] - s["start"]) * 1e6)
     store = Store(store_path)
     try:
         name = vllm_environment_name(env_info["gpu"], env_info["torch"], env_info["mode"] == "eager",
                                      env_info["engine_version"], env_info["attention_backend"])
         if name not in {e.name for e in store.environments()}:
             raise DoolyError(f"{store_path}: no environment {name} (calibrate where it was profiled)")
-        for (t, r), pairs in sorted(samples.items()):
-            if len(pairs) < 3:
-                continue
+        for (t, r), spans in sorted(samples.items()):
             point = {"T": t, "R": r, "layers": layers}
-            spans = {"vllm-step": sorted(f for f, _ in pairs), "vllm-launch": sorted(h for _, h in pairs)}
-            medians = {phase: statistics.median(values) for phase, values in spans.items()}
+            medians = {}
             for phase, values in spans.items():
+                if len(values) < 3:
+                    continue
+                values = sorted(values)
+                medians[phase] = statistics.median(values)
                 store.record_host(name, phase, point, medians[phase], values[min(len(values) - 1,
                                                                                int(0.9 * len(values)))], len(values))
-            print(f"  layers={layers:2d} T={t:5d} R={r:3d}: GPU span {medians['vllm-step']:8.0f} us, host "
-                  f"{medians['vllm-launch']:8.0f} us over {len(pairs)} steps", flush=True)
+            if "vllm-step" in medians:
+                cycle = f", cycle {medians['vllm-cycle']:8.0f} us" if "vllm-cycle" in medians else ""
+                print(f"  layers={layers:2d} T={t:5d} R={r:3d}: GPU span {medians['vllm-step']:8.0f} us, host "
+                      f"{medians['vllm-launch']:8.0f} us{cycle} over {len(spans['vllm-step'])} steps", flush=True)
     finally:
         store.close()  # a WAL store is whole in its one file only once its last connection has closed
 
@@ -457,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--backend", default="FLASH_ATTN", choices=BACKENDS)
     c.add_argument("--eager", action="store_true")
     c.add_argument("--layers", nargs="+", type=int, default=list(CALIBRATION_LAYERS), help="the tiny model's depths")
-    c.add_argument("--raw", type=Path, default=Path("data/host/vllm-calibration"),
-                   help="folder for every calibration step, one JSON file a depth")
+    c.add_argument("--raw", type=Path, help="folder for every calibration step, one JSON file a depth (default "
+                   "data/host/vllm-calibration/<backend>[-eager])")
     r = sub.add_parser("record", help="record calibration steps kept by calibrate into a store")
     r.add_argument("raw", nargs="+", type=Path)
     r.add_argument("--store", type=Path, required=True)
@@ -475,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         check()
     elif args.command == "calibrate":
-        calibrate(args.store, args.backend, args.eager, tuple(args.layers), args.raw)
+        raw = args.raw or Path("data/host/vllm-calibration") / f"{args.backend.lower()}{'-eager' if args.eager else ''}"
+        calibrate(args.store, args.backend, args.eager, tuple(args.layers), raw)
     elif args.command == "record":
         for path in args.raw:
             record_calibration(args.store, path)
