@@ -60,7 +60,7 @@ def test_a_step_pads_its_pieces_and_takes_the_longer_of_gpu_and_host(store):
 
 def test_every_signature_of_the_measured_models_is_in_the_store(store):
     measured = {"FLASH_ATTN": ("llama-3.1-8b", "qwen3-8b", "mistral-7b-v0.3", "qwen2.5-7b", "llama-2-7b",
-                               "llama-3.2-1b", "qwen3-1.7b"),
+                               "phi-3-mini", "gemma-2-9b", "llama-3.2-1b", "qwen3-1.7b"),
                 "TRITON_ATTN": ("llama-3.1-8b", "qwen3-8b", "llama-3.2-1b", "qwen3-1.7b")}
     for backend, names in measured.items():
         for name in names:
@@ -110,3 +110,15 @@ def test_the_engines_floor_follows_the_models_depth():
     assert model(9).host_us(decode) == pytest.approx(1700) and model(30).host_us(decode) == pytest.approx(3800)
     assert model(9).host_us(prefill) == pytest.approx(3 * 1700)  # a lone prefill reads the prefill curve
     assert StepModel([], {2: floor(1000.0)}, 32).host_us(decode) == 1000  # one depth stands for all
+
+
+def test_a_decode_steps_floor_is_the_hosts_cycle_and_a_prefills_the_gpu_span(store):
+    """A host-bound decode step lasts from one launch to the next (output processing and scheduling included); a
+    lone prefill, mostly after the engine idled, lasts its GPU span."""
+    env = next(e.name for e in store.environments() if e.engine == "vllm" and e.attention_backend == "FLASH_ATTN")
+    rows = {(r["phase"], r["point"]["T"], r["point"]["R"]): r["median_us"] for r in store.host(env)
+            if r["point"].get("layers") == 16}
+    model = step_model(load_model(IR / "llama-3.2-1b.ir"), store, "FLASH_ATTN")  # 16 layers: no interpolation
+    assert rows["vllm-cycle", 8, 8] > rows["vllm-step", 8, 8]
+    assert model.host_us([(1, 100)] * 8) == pytest.approx(rows["vllm-cycle", 8, 8])
+    assert model.host_us([(256, 256)]) == pytest.approx(rows["vllm-step", 256, 1])

@@ -11,7 +11,10 @@ smallest captured size P >= T when T is at most the largest one, and as the comp
 
 The engine's own work per step (scheduling, input preparation, launches, sampling, output processing), measured on
 a tiny model (`python -m dooly.bench.vllm_engine calibrate`), is a floor: with asynchronous scheduling the host
-prepares a step while the GPU runs the last, so a step takes the longer of the two.
+prepares a step while the GPU runs the last, so a step takes the longer of the two. Decode steps follow one another
+back to back, so a host-bound one lasts the host's whole cycle (launch to the next launch, output processing and
+scheduling included); a prefill step is floored by the tiny model's GPU span, since it is mostly the first step
+after the engine idled, whose start no earlier step's output processing delays.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ..ir.expr import evaluate
 from ..ir.graph import Graph
 
 HOST_PHASE = "vllm-step"
+DECODE_HOST_PHASE = "vllm-cycle"
 CALIBRATION_DEPTH = 2  # the tiny model's layers, for host rows that do not say theirs
 ATTENTION_OPS = {"vllm.unified_attention_with_output"}
 
@@ -194,13 +198,18 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
         inside = sig.family == "piece" or graph.ops[use.op_index].scope.startswith("model.")
         terms.append(("padded" if inside else "rows", use.count, Curve(xs, ys), use.binding))
     floors: dict[int, dict[str, list]] = {}
+    cycles: dict[int, list] = {}
     for row in store.host(env):
+        point = row["point"]
+        t, r = point["T"], point["R"]
+        depth = point.get("layers", CALIBRATION_DEPTH)
         if row["phase"] == HOST_PHASE:
-            point = row["point"]
-            t, r = point["T"], point["R"]
             kind = "decode" if t == r else "prefill" if r == 1 else "mixed"
-            floors.setdefault(point.get("layers", CALIBRATION_DEPTH), {}).setdefault(kind, []).append(
-                (r if t == r else t, row["median_us"]))
+            floors.setdefault(depth, {}).setdefault(kind, []).append((r if t == r else t, row["median_us"]))
+        elif row["phase"] == DECODE_HOST_PHASE and t == r:
+            cycles.setdefault(depth, []).append((r, row["median_us"]))
+    for depth, points in cycles.items():
+        floors.setdefault(depth, {})["decode"] = points
     curve = lambda v: Curve(*zip(*sorted(v))) if v else None  # noqa: E731
     host = {depth: HostFloor(curve(k.get("decode")), curve(k.get("prefill")), curve(k.get("mixed")))
             for depth, k in floors.items()}
