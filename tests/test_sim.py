@@ -178,8 +178,44 @@ def test_simulate_a_vllm_ir_serves_it_with_vllms_scheduler_and_its_compiled_step
     row = json.loads((out / "requests.jsonl").read_text())
     model = step_model(load_model(ROOT / "data" / "vllm-ir" / "llama-3.1-8b.ir"),
                        Store(ROOT / "data" / "h200.sqlite", readonly=True), "FLASH_ATTN")
-    # one request: a 300-token prefill step, then three decode steps of its growing context; with async scheduling
-    # its first token comes back with the second step
+    # one request: taken in, a 300-token prefill step, then three decode steps of its growing context; with async
+    # scheduling its first token is read once the prefill's GPU work ends and the next step is launched
     steps = [[(300, 300)], [(1, 301)], [(1, 302)], [(1, 303)]]
-    assert row["ttft_ms"] == pytest.approx(sum(model.step_us(b) for b in steps[:2]) / 1e3, rel=1e-6)
-    assert row["e2e_ms"] == pytest.approx(sum(model.step_us(b) for b in steps) / 1e3, rel=1e-6)
+    prefill, launched = model.step_us(steps[0]), model.launch_us(300, 1) + model.launch_us(1, 1)
+    read = min(max(0.0, launched - prefill), model.step_us(steps[1]))
+    assert model.admit_us(1) > 0
+    assert row["ttft_ms"] == pytest.approx((model.admit_us(1) + prefill + read) / 1e3, rel=1e-6)
+    assert row["e2e_ms"] == pytest.approx((model.admit_us(1) + sum(model.step_us(b) for b in steps)) / 1e3, rel=1e-6)
+
+
+def test_a_first_token_is_read_when_its_step_ends_or_once_the_host_has_launched_the_next():
+    """With asynchronous scheduling the host launches step N+1 before it waits on step N's output."""
+    from dooly.sim.simulator import Outcome, seen_when_read
+
+    steps = [{"time": 0.010, "seconds": 0.010, "requests": 1, "tokens": 200},  # GPU-bound: launched in 6 + 1 ms
+             {"time": 0.015, "seconds": 0.005, "requests": 1, "tokens": 1},
+             {"time": 0.017, "seconds": 0.002, "requests": 2, "tokens": 100},  # host-bound: 1.5 + 1 ms to launch
+             {"time": 0.019, "seconds": 0.002, "requests": 2, "tokens": 2},
+             {"time": 0.030, "seconds": 0.002, "requests": 1, "tokens": 300}]  # the last: nothing follows
+    launch = {200: 0.006, 1: 0.001, 100: 0.0015, 2: 0.001, 300: 0.001}
+    rows = [{"arrival": 0.0, "ttft": 0.010}, {"arrival": 0.015, "ttft": 0.002}, {"arrival": 0.025, "ttft": 0.005}]
+    seen = seen_when_read(Outcome(rows, steps), lambda t, r: launch[t]).requests
+    assert seen[0]["ttft"] == pytest.approx(0.010)  # read as the GPU finishes the step
+    assert seen[1]["ttft"] == pytest.approx(0.002 + 0.0005)  # read once step 4 is launched, 0.5 ms after step 3
+    assert seen[2]["ttft"] == pytest.approx(0.005)
+
+
+def test_requests_arriving_together_are_taken_in_as_one_batch_before_any_is_scheduled():
+    from dooly.sim.schedulers import VLLMv1
+    from dooly.sim.simulator import ready_times, simulate
+    from dooly.sim.workload import Request
+
+    requests = [Request(0, 0.0, 16, 2), Request(1, 0.0, 16, 2), Request(2, 0.5, 16, 2)]
+    admit = {1: 0.001, 2: 0.003}
+    assert ready_times(requests, admit.get) == [0.003, 0.003, 0.501]
+    assert ready_times(requests, None) == [0.0, 0.0, 0.5]
+    plain = simulate(requests, VLLMv1(1000, 16, 2048, 128, False, False), lambda batch: 0.01)
+    admitted = simulate(requests, VLLMv1(1000, 16, 2048, 128, False, False), lambda batch: 0.01,
+                        admission_s=admit.get)
+    for a, b, delay in zip(plain.requests, admitted.requests, (0.003, 0.003, 0.001)):
+        assert b["ttft"] == pytest.approx(a["ttft"] + delay)

@@ -83,6 +83,11 @@ def test_calibration_rows_are_each_compositions_median_in_the_profiled_environme
              if r["phase"] == "vllm-cycle" and r["point"].get("layers") == raw["layers"]}
     assert set(cycle) == {k for k, v in cycles.items() if len(v) >= 3}
     assert cycle[8, 8] == pytest.approx(statistics.median(cycles[8, 8]))  # a step's start to the next one's
+    admit = {(r["point"]["T"], r["point"]["R"]): r["median_us"] for r in store.host(env)
+             if r["phase"] == "vllm-admit" and r["point"].get("layers") == raw["layers"]}
+    bursts = [run for run in raw["runs"] if len(run["requests"]) == 64 and all(a == 0 for a, _, _ in run["requests"])]
+    assert admit[16 * 64, 64] == pytest.approx(statistics.median(run["steps"][0]["start"] * 1e6 for run in bursts))
+    assert admit[16 * 64, 64] > admit[16 * 8, 8]  # each request is taken in before any is scheduled
 
 
 def test_calibration_of_an_environment_the_store_lacks_is_refused(tmp_path):

@@ -168,6 +168,9 @@ class VllmEngine:
         from vllm import SamplingParams
 
         prefix = [self.rng.randrange(self.vocab) for _ in range(shared_prefix)]
+        # drawn before the run starts: drawing 15k ids takes ~5 ms, which is no part of the engine's time
+        prompts = [prefix[:prompt] + [self.rng.randrange(self.vocab) for _ in range(prompt - min(prompt, len(prefix)))]
+                   for _, prompt, _ in requests]
         order = sorted(range(len(requests)), key=lambda i: requests[i][0])
         results: dict[str, Result] = {}
         self.hooks.restart()
@@ -178,9 +181,8 @@ class VllmEngine:
             while nxt < len(order) and requests[order[nxt]][0] <= now:
                 i = order[nxt]
                 arrival, prompt, output = requests[i]
-                ids = prefix[:prompt] + [self.rng.randrange(self.vocab) for _ in range(prompt - len(prefix))]
                 params = SamplingParams(max_tokens=output, ignore_eos=True, temperature=0, detokenize=False)
-                self.engine.add_request(f"{tag}{i}", {"prompt_token_ids": ids}, params)
+                self.engine.add_request(f"{tag}{i}", {"prompt_token_ids": prompts[i]}, params)
                 results[f"{tag}{i}"] = Result(f"r{i}", prompt, output, now, -1.0)
                 nxt += 1
             if not self.engine.has_unfinished_requests():
@@ -319,10 +321,13 @@ def _calibration_file(path: Path) -> dict:
               isinstance(st, dict) and isinstance(st.get("queries"), list) and st["queries"]
               and all(map(count, st["queries"])) and number(st.get("forward_s")) and number(st.get("host_s"))
               and number(st.get("start"))
-              for st in run["steps"]) for run in data["runs"]))
+              for st in run["steps"]) and isinstance(run.get("requests"), list) and all(
+              isinstance(q, list) and len(q) == 3 and number(q[0]) and count(q[1]) and count(q[2])
+              for q in run["requests"]) for run in data["runs"]))
     if not ok:
         raise DoolyError(f"{path}: a calibration file holds environment (gpu, torch, engine_version, "
-                         "attention_backend, mode), layers and runs of steps (queries, forward_s, host_s, start)")
+                         "attention_backend, mode), layers and runs of requests (arrival, prompt, output) and of "
+                         "steps (queries, forward_s, host_s, start)")
     return data
 
 
@@ -333,7 +338,9 @@ def record_calibration(store_path: Path, path: Path) -> None:
     (phase `vllm-launch`: input preparation, attention metadata, launches — one graph and one attention call a
     layer in piecewise steps, every kernel of a layer above the captured sizes —, sampling) and its median host
     cycle, from its `execute_model` to the next step's (phase `vllm-cycle`: the launch span plus scheduling and
-    output processing, which is how often a host-bound engine steps)."""
+    output processing, which is how often a host-bound engine steps); and, for requests that arrived together at an
+    idle engine, the time to their first step (phase `vllm-admit`, by requests and prompt tokens: input processing
+    of each request before it can be scheduled)."""
     import statistics
 
     from ..environment import vllm_environment_name
@@ -343,8 +350,12 @@ def record_calibration(store_path: Path, path: Path) -> None:
     data = _calibration_file(path)
     env_info, layers = data["environment"], data["layers"]
     samples: dict[tuple[int, int], dict[str, list[float]]] = {}
+    admitted: dict[tuple[int, int], list[float]] = {}
     for run in data["runs"]:
         steps = run["steps"]
+        arrivals = run["requests"]
+        if steps and arrivals and all(a == 0.0 for a, _, _ in arrivals):
+            admitted.setdefault((sum(p for _, p, _ in arrivals), len(arrivals)), []).append(steps[0]["start"] * 1e6)
         for i, s in enumerate(steps):
             spans = samples.setdefault((sum(s["queries"]), len(s["queries"])),
                                        {"vllm-step": [], "vllm-launch": [], "vllm-cycle": []})
@@ -372,6 +383,10 @@ def record_calibration(store_path: Path, path: Path) -> None:
                 cycle = f", cycle {medians['vllm-cycle']:8.0f} us" if "vllm-cycle" in medians else ""
                 print(f"  layers={layers:2d} T={t:5d} R={r:3d}: GPU span {medians['vllm-step']:8.0f} us, host "
                       f"{medians['vllm-launch']:8.0f} us{cycle} over {len(spans['vllm-step'])} steps", flush=True)
+        for (t, r), values in sorted(admitted.items()):
+            values = sorted(values)
+            store.record_host(name, "vllm-admit", {"T": t, "R": r, "layers": layers}, statistics.median(values),
+                              values[min(len(values) - 1, int(0.9 * len(values)))], len(values))
     finally:
         store.close()  # a WAL store is whole in its one file only once its last connection has closed
 

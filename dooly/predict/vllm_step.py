@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +33,8 @@ from ..ir.graph import Graph
 
 HOST_PHASE = "vllm-step"
 DECODE_HOST_PHASE = "vllm-cycle"
+LAUNCH_PHASE = "vllm-launch"
+ADMIT_PHASE = "vllm-admit"
 CALIBRATION_DEPTH = 2  # the tiny model's layers, for host rows that do not say theirs
 ATTENTION_OPS = {"vllm.unified_attention_with_output"}
 
@@ -121,6 +123,8 @@ class StepModel:
     terms: list[tuple[str, int, Curve | AttentionCurve, dict]]  # (kind, count, curve, binding): padded, attention, rows
     host: dict[int, HostFloor]  # by the depth of the model it was measured on
     layers: int
+    launch: dict[int, HostFloor] = field(default_factory=dict)  # the host's span from execute_model to sampled
+    admit: dict[int, Curve] = field(default_factory=dict)  # requests arriving together to their first step
 
     def gpu_us(self, batch: list[tuple[int, int]]) -> float:
         t, r = sum(q for q, _ in batch), len(batch)
@@ -135,19 +139,30 @@ class StepModel:
                 total += count * curve(evaluate(expr, values))
         return total
 
-    def host_us(self, batch: list[tuple[int, int]]) -> float:
-        """The engine's floor at this model's depth: between the two calibrated depths around it, or along the
+    def _at_depth(self, floors: dict, t: int, r: int) -> float:
+        """A calibrated host cost at this model's depth: between the two calibrated depths around it, or along the
         line through the two nearest (piecewise steps launch per layer); one depth alone stands for all."""
-        t, r = sum(q for q, _ in batch), len(batch)
-        depths = sorted(self.host)
+        depths = sorted(floors)
         if not depths:
             return 0.0
         if len(depths) == 1:
-            return self.host[depths[0]](t, r)
+            return floors[depths[0]](t, r)
         hi = next((i for i, d in enumerate(depths) if d >= self.layers), len(depths) - 1)
         a, b = depths[max(hi - 1, 0)], depths[max(hi, 1)]
-        ya, yb = self.host[a](t, r), self.host[b](t, r)
+        ya, yb = floors[a](t, r), floors[b](t, r)
         return max(0.0, ya + (yb - ya) * (self.layers - a) / (b - a))
+
+    def host_us(self, batch: list[tuple[int, int]]) -> float:
+        """The engine's floor for this step at this model's depth."""
+        return self._at_depth(self.host, sum(q for q, _ in batch), len(batch))
+
+    def launch_us(self, tokens: int, requests: int) -> float:
+        """The host's time from a step's execute_model to its sampling launched, at this model's depth."""
+        return self._at_depth(self.launch, tokens, requests)
+
+    def admit_us(self, requests: int) -> float:
+        """The host's time from `requests` arriving together at an idle engine to its first step."""
+        return self._at_depth({d: (lambda t, r, c=c: c(r)) for d, c in self.admit.items()}, 0, requests)
 
     def step_us(self, batch: list[tuple[int, int]]) -> float:
         return max(self.gpu_us(batch), self.host_us(batch))
@@ -198,19 +213,25 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
         inside = sig.family == "piece" or graph.ops[use.op_index].scope.startswith("model.")
         terms.append(("padded" if inside else "rows", use.count, Curve(xs, ys), use.binding))
     floors: dict[int, dict[str, list]] = {}
+    launches: dict[int, dict[str, list]] = {}
     cycles: dict[int, list] = {}
+    admits: dict[int, dict[int, list]] = {}
     for row in store.host(env):
         point = row["point"]
         t, r = point["T"], point["R"]
         depth = point.get("layers", CALIBRATION_DEPTH)
-        if row["phase"] == HOST_PHASE:
-            kind = "decode" if t == r else "prefill" if r == 1 else "mixed"
-            floors.setdefault(depth, {}).setdefault(kind, []).append((r if t == r else t, row["median_us"]))
+        kind = "decode" if t == r else "prefill" if r == 1 else "mixed"
+        if row["phase"] in (HOST_PHASE, LAUNCH_PHASE):
+            into = floors if row["phase"] == HOST_PHASE else launches
+            into.setdefault(depth, {}).setdefault(kind, []).append((r if t == r else t, row["median_us"]))
         elif row["phase"] == DECODE_HOST_PHASE and t == r:
             cycles.setdefault(depth, []).append((r, row["median_us"]))
+        elif row["phase"] == ADMIT_PHASE:  # the shortest prompts: drawing their ids cost the harness least
+            admits.setdefault(depth, {}).setdefault(r, []).append((t, row["median_us"]))
     for depth, points in cycles.items():
         floors.setdefault(depth, {})["decode"] = points
     curve = lambda v: Curve(*zip(*sorted(v))) if v else None  # noqa: E731
-    host = {depth: HostFloor(curve(k.get("decode")), curve(k.get("prefill")), curve(k.get("mixed")))
-            for depth, k in floors.items()}
-    return StepModel(terms, host, graph.meta.get("layers", 1))
+    by_depth = lambda rows: {depth: HostFloor(curve(k.get("decode")), curve(k.get("prefill")),  # noqa: E731
+                                              curve(k.get("mixed"))) for depth, k in rows.items()}
+    admit = {depth: Curve(*zip(*sorted((r, min(v)[1]) for r, v in by_r.items()))) for depth, by_r in admits.items()}
+    return StepModel(terms, by_depth(floors), graph.meta.get("layers", 1), by_depth(launches), admit)

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         summary,
         synthetic,
     )
-    from .simulator import seen_one_step_later
+    from .simulator import seen_when_read
     from .transformers_cache import H100_BYTES, cache_size, weight_bytes
     from .vllm_cache import num_gpu_blocks
 
@@ -150,12 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         env = vllm_environment(store, args.backend or "FLASH_ATTN")
         model = step_model(graph, store, args.backend or "FLASH_ATTN")
         step_time, extrapolated = (lambda batch: model.step_us(batch) * 1e-6), set()
+        admission = lambda n: model.admit_us(n) * 1e-6  # noqa: E731
     else:
         env = environment_name(store, args.backend)
         predictor = load_predictor(graph, store, env)
         knobs = Knobs(use_cuda_graph=args.cuda_graphs, max_batch_tokens=args.max_batch_tokens,
                       use_async_batching=args.async_batching)
-        step_time, extrapolated = StepTime(predictor, knobs), predictor.extrapolated
+        step_time, extrapolated, admission = StepTime(predictor, knobs), predictor.extrapolated, None
     block = args.block_size or (256 if args.scheduler == "cb" else 16)
     blocks = args.num_blocks
     if blocks is None:
@@ -167,17 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = engine_scheduler(args.scheduler, blocks, block, args.max_batch_tokens, args.max_requests or 1024)
     started = time.perf_counter()
     if args.json:
-        outcome = simulate(requests, scheduler, step_time, limits["steps"])
+        outcome = simulate(requests, scheduler, step_time, limits["steps"], admission_s=admission)
     else:
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
             task = bar.add_task(f"simulating {len(requests)} requests", total=len(requests))
             outcome = simulate(requests, scheduler, step_time, limits["steps"],
-                               progress=lambda done: bar.update(task, completed=done))
+                               progress=lambda done: bar.update(task, completed=done), admission_s=admission)
     seconds = time.perf_counter() - started
     if vllm_ir:  # vLLM's default: asynchronous scheduling
-        outcome = seen_one_step_later(outcome)
+        outcome = seen_when_read(outcome, lambda t, r: model.launch_us(t, r) * 1e-6)
     result = summary(outcome)
     out = out or Path("out/simulate") / graph.model
     out.mkdir(parents=True, exist_ok=True)

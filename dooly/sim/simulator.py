@@ -15,6 +15,7 @@ what `StepTime` predicts for it; tokens are stamped when the step ends (the engi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,36 +82,54 @@ class StepTime:
 @dataclass
 class Outcome:
     requests: list[dict]
-    steps: list[dict] = field(default_factory=list)  # time, batch size, tokens
+    steps: list[dict] = field(default_factory=list)  # end time, seconds, batch size, tokens
+
+
+def ready_times(pending: list[Request], admission_s: Callable[[int], float] | None) -> list[float]:
+    """When each request (in arrival order) can first be scheduled: requests arriving together are taken in by the
+    host as one batch of `admission_s(count)` seconds, one batch after another."""
+    ready: list[float] = []
+    i = 0
+    while i < len(pending):
+        j = i
+        while j < len(pending) and pending[j].arrival == pending[i].arrival:
+            j += 1
+        done = pending[i].arrival + (admission_s(j - i) if admission_s else 0.0)
+        ready += [max(done, ready[-1] if ready else done)] * (j - i)
+        i = j
+    return ready
 
 
 def simulate(requests: list[Request], scheduler, step_time, max_steps: int = LIMITS["steps"].default,
-             progress=None) -> Outcome:
-    """Serve `requests` with `scheduler`; `step_time(batch)` gives each step's seconds; `progress(finished)` is
-    told every few hundred steps how many requests have finished. A run is stopped after `max_steps` steps (the
-    steps limit), so that its record of steps stays bounded."""
+             progress=None, admission_s: Callable[[int], float] | None = None) -> Outcome:
+    """Serve `requests` with `scheduler`; `step_time(batch)` gives each step's seconds; `admission_s(n)` the host's
+    time to take in n requests arriving together before any can be scheduled (none if not given);
+    `progress(finished)` is told every few hundred steps how many requests have finished. A run is stopped after
+    `max_steps` steps (the steps limit), so that its record of steps stays bounded."""
     pending = sorted(requests, key=lambda r: (r.arrival, r.id))
+    ready = ready_times(pending, admission_s)
     now, i, states, steps, finished = 0.0, 0, {}, [], 0
     for n in range(max_steps):
         if progress and n % 512 == 0:
             progress(finished)
-        while i < len(pending) and pending[i].arrival <= now:
+        while i < len(pending) and ready[i] <= now:
             scheduler.add(pending[i])
             i += 1
         if not scheduler.pending():
             if i == len(pending):
                 break
-            now = pending[i].arrival
+            now = ready[i]
             continue
         batch: list[Scheduled] = scheduler.schedule()
         if not batch:
             if i == len(pending):
                 raise DoolyError("the scheduler can serve none of the pending requests: a request needs more KV cache "
                                  "than the engine has")
-            now = pending[i].arrival
+            now = ready[i]
             continue
-        now += step_time([(s.tokens, s.keys) for s in batch])
-        steps.append({"time": now, "requests": len(batch), "tokens": sum(s.tokens for s in batch)})
+        seconds = step_time([(s.tokens, s.keys) for s in batch])
+        now += seconds
+        steps.append({"time": now, "seconds": seconds, "requests": len(batch), "tokens": sum(s.tokens for s in batch)})
         for s in batch:
             state = s.state
             makes = s.produces_token
@@ -136,16 +155,22 @@ def simulate(requests: list[Request], scheduler, step_time, max_steps: int = LIM
     return Outcome(rows, steps)
 
 
-def seen_one_step_later(outcome: Outcome) -> Outcome:
-    """The outcome as the caller of an engine with asynchronous scheduling sees it: a step's first tokens come back
-    with the next step's (the host reads them while the GPU runs that one), so each TTFT ends with the step after
-    the one that computed it, where there is one."""
-    ends = np.array([s["time"] for s in outcome.steps])
+def seen_when_read(outcome: Outcome, launch_s: Callable[[int, int], float]) -> Outcome:
+    """The outcome as the caller of an engine with asynchronous scheduling sees it. The host launches step N+1
+    before it waits on step N's output, so a first token computed in step N is read when N's GPU work ends or, if
+    the host is the slower, once N+1 is launched: host work from N's start of `launch_s(tokens, requests)` for N and
+    for N+1, back to back. Where no step follows at once, nothing delays the read."""
+    steps = outcome.steps
+    ends = np.array([s["time"] for s in steps])
     rows = []
     for r in outcome.requests:
         first = r["arrival"] + r["ttft"]
-        later = int(np.searchsorted(ends, first, side="right"))
-        rows.append({**r, "ttft": (ends[later] if later < len(ends) else first) - r["arrival"]})
+        n = int(np.searchsorted(ends, first - 1e-12))
+        if n + 1 < len(steps) and abs(steps[n + 1]["time"] - steps[n + 1]["seconds"] - steps[n]["time"]) < 1e-9:
+            step, after = steps[n], steps[n + 1]
+            host = launch_s(step["tokens"], step["requests"]) + launch_s(after["tokens"], after["requests"])
+            first += min(max(0.0, host - step["seconds"]), after["seconds"])
+        rows.append({**r, "ttft": first - r["arrival"]})
     return Outcome(rows, outcome.steps)
 
 
