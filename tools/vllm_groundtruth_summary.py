@@ -1,7 +1,7 @@
 """What vLLM's ground truth on the GPU says before any prediction: per mode and model, how many step compositions
 repeat, the engine's own spread over them, median decode and prefill steps; and, for one model measured in
 several modes, each mode's step time over the default's (compiled + CUDA graphs, FLASH_ATTN) on the same
-compositions.
+compositions; and full 2,048-token steps by the SM clock the GPU ran them at (files that sampled it).
 
     python tools/vllm_groundtruth_summary.py [--groundtruth data/groundtruth/vllm] [--model llama-3.1-8b]
 """
@@ -36,6 +36,28 @@ def compositions(truth: dict) -> dict[tuple, list[float]]:
     return times
 
 
+def clocked_full_steps(truth: dict, tokens: int = 2048) -> dict[str, list[tuple[float, float]]]:
+    """(step ms, watts) of every step of `tokens` tokens, by whether the SM clock sampled in it was at full speed
+    (>= 1,900 MHz) or throttled (< 1,700 MHz)."""
+    out: dict[str, list[tuple[float, float]]] = {"full": [], "throttled": []}
+    for trace in truth["traces"].values():
+        for run in trace["runs"]:
+            clocks = run.get("clocks")
+            if not clocks or not clocks["samples"]:
+                continue
+            for step in run["steps"]:
+                if sum(step["queries"]) != tokens:
+                    continue
+                t0 = step["start"] + clocks["origin"]
+                inside = [(mhz, w) for t, mhz, w in clocks["samples"] if t0 <= t <= t0 + step["forward_s"]]
+                if inside:
+                    mhz, watts = min(inside)
+                    band = "full" if mhz >= 1900 else "throttled" if mhz < 1700 else None
+                    if band:
+                        out[band].append((step["forward_s"] * 1e3, watts))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groundtruth", type=Path, default=Path("data/groundtruth/vllm"))
@@ -59,6 +81,17 @@ def main() -> None:
         if truth["model"] == args.model:
             repeated[mode] = {k: statistics.median(v) for k, v in times.items()}
     console.print(table)
+    clocked = Table(title="2,048-token steps by the SM clock they ran at (sampled every 20 ms)")
+    for col in ("mode", "model", "at >= 1900 MHz", "below 1700 MHz", "power below 1700 MHz"):
+        clocked.add_column(col, justify="left" if col in ("mode", "model") else "right")
+    for path in sorted(args.groundtruth.glob("*/*.json")):
+        truth = json.loads(path.read_text())
+        bands = clocked_full_steps(truth)
+        if bands["full"] and bands["throttled"]:
+            cell = lambda xs: f"{statistics.median(x for x, _ in xs):.1f} ms ({len(xs)})"  # noqa: E731
+            clocked.add_row(path.parent.name, truth["model"], cell(bands["full"]), cell(bands["throttled"]),
+                            f"{statistics.median(w for _, w in bands['throttled']):.0f} W")
+    console.print(clocked)
     if DEFAULT not in repeated:
         return
     ratios = Table(title=f"{args.model}: step time over {DEFAULT} (compiled + CUDA graphs), same compositions")
