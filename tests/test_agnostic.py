@@ -65,8 +65,19 @@ def test_gpt2_style_fields_are_labelled_by_their_common_names():
     g = compile_dict({"model_type": "gpt2", "n_embd": 128, "n_head": 4, "n_layer": 2, "vocab_size": 512,
                       "n_positions": 256}, name="tiny-gpt2")
     assert "head_dim" not in g.meta["config"] and g.meta["config"]["hidden_size"] == 128
+    assert g.meta["layer_groups"] == [{"count": 2, "layers": [0]}]  # one layer traced for both, counted once
     (qkv,) = find(g, "attn.c_attn", "aten.addmm")
     assert exprs(qkv.outputs[0]) == ["T", "3*hidden_size"]
+
+
+def test_a_depth_stored_under_its_own_name_is_not_a_size():
+    from dooly.capture.common import size_fields, text_config
+    from dooly.config import parse_config
+
+    cfg = parse_config({"model_type": "gpt2", "n_embd": 128, "n_head": 4, "n_layer": 2, "vocab_size": 512},
+                       "tiny-gpt2", "tiny-gpt2")
+    fields = size_fields(text_config(cfg), {"n_layer", "n_embd", "n_head"})
+    assert fields == {"hidden_size": 128, "num_attention_heads": 4}  # the trace cuts the depth, no field sets it
 
 
 def test_a_model_that_bypasses_the_paged_cache_is_refused():
