@@ -3,7 +3,7 @@
 import pytest
 from helpers import compile_dict, exprs, find, tiny_llama, zoo_graph
 
-from dooly.ir import dumps
+from dooly.ir import When, dumps
 
 
 def _mm(graph, scope):
@@ -46,9 +46,9 @@ def test_serving_step_of_the_engine():
     assert exprs(sdpa.inputs[0]) == ["1", "num_attention_heads", "T", "head_dim"]
     assert exprs(sdpa.inputs[1])[2] == "K" and exprs(sdpa.inputs[3]) == ["1", "1", "T", "K"]
     reads = find(g, "self_attn", "aten.index_select")
-    assert len(reads) == 2 and all(op.when == "K > T" and exprs(op.outputs[0])[0] == "K" for op in reads)
+    assert len(reads) == 2 and all(op.when is When.PAST_KEYS and exprs(op.outputs[0])[0] == "K" for op in reads)
     writes = find(g, "self_attn", "aten.index_copy_")
-    assert len(writes) == 2 and all(exprs(op.inputs[1]) == ["T"] and not op.when for op in writes)
+    assert len(writes) == 2 and all(exprs(op.inputs[1]) == ["T"] and op.when is None for op in writes)
     lm = _mm(g, "lm_head")
     assert exprs(lm.inputs[0]) == ["R", "hidden_size"] and exprs(lm.outputs[0]) == ["R", "vocab_size"]
     (argmax,) = find(g, "engine.compute_batch", "aten.argmax")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from helpers import zoo_graph
 
-from dooly.ir import Dim, Graph, Op, TensorSpec, dumps, loads
+from dooly.ir import Dim, Graph, Op, TensorSpec, When, dumps, loads
 from dooly.ir.expr import ExprError, evaluate, names, render, simplify, to_sympy
 from dooly.ir.text import ParseError
 
@@ -47,7 +47,7 @@ def _hand_graph() -> Graph:
         Op("aten.mm", (TensorSpec("bf16", (t, h)), TensorSpec("bf16", (h, i), (one, h))),
            (TensorSpec("bf16", (t, i)),), {}, "model.layers.*.mlp.up_proj", 32),
         Op("aten.mean.dim", (TensorSpec("f32", (one, mix), src=0),), (TensorSpec("f32", (one, one)),),
-           {"dim": [-1], "keepdim": True, "note": "a, b"}, "model.norm", 1, "step", "K > T"),
+           {"dim": [-1], "keepdim": True, "note": "a, b"}, "model.norm", 1, "step", When.PAST_KEYS),
         Op("aten.triu", (TensorSpec("bf16", (Dim("q", "request"), Dim("k", "request"))),),
            (TensorSpec("bf16", (Dim("q", "request"), Dim("k", "request"))),), {"diagonal": {"sym": "k - q + 1"}},
            "engine.attention_mask", 1, "request"),

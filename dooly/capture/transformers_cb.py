@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..config import ModelConfig, first_line
 from ..errors import DoolyError
 from ..ir.expr import names, render, to_sympy
-from ..ir.graph import Graph, Op, map_dims
+from ..ir.graph import Graph, Op, When, map_dims
 from ..transformers_engine import (
     ATTENTION,
     BLOCK_SIZE,
@@ -55,7 +55,6 @@ from .symbolic import SymbolTable
 # batch); the cache pool is a fixed size so that cache-reading ops of different models can share signatures.
 NUM_BLOCKS, MAX_BATCH_TOKENS = 512, 8192
 HINTS = {"T": 37, "R": 5, "K": 901, "Ks": 263, "q": 11, "k": 397}  # trace-time values; the IR does not use them
-MIX_CONDITIONS = ("K > T", "K == T")  # the engine reads the cache only when some request has past tokens
 ATTENTION_OPS = {"aten.scaled_dot_product_attention", "aten.bmm", "aten.matmul", "aten.mm", "aten.baddbmm"}
 KEY_SYMBOLS = {"K", "Ks"}
 
@@ -181,16 +180,17 @@ def _key(op: Op) -> tuple:
 
 
 def merge_variants(general: list[Op], no_past: list[Op]) -> list[Op]:
-    """One op list for both paths of the engine: ops only one path runs carry the condition of that path."""
+    """One op list for both paths of the engine: ops only one path runs carry the condition of that path (the
+    engine reads the cache only when some request has past tokens)."""
     flat = [_substitute(op, {"K": "T", "Ks": "T"}) for op in general]
     matcher = difflib.SequenceMatcher(None, [_key(o) for o in flat], [_key(o) for o in no_past], autojunk=False)
-    merged: list[tuple[Op, str, int | None, int | None]] = []  # op, path, index in general, index in no_past
+    merged: list[tuple[Op, When | None, int | None, int | None]] = []  # op, path, index in general, index in no_past
     for tag, a0, a1, b0, b1 in matcher.get_opcodes():
         if tag == "equal":
-            merged += [(general[a0 + i], "", a0 + i, b0 + i) for i in range(a1 - a0)]
+            merged += [(general[a0 + i], None, a0 + i, b0 + i) for i in range(a1 - a0)]
             continue
-        merged += [(general[i], MIX_CONDITIONS[0], i, None) for i in range(a0, a1)]
-        merged += [(no_past[i], MIX_CONDITIONS[1], None, i) for i in range(b0, b1)]
+        merged += [(general[i], When.PAST_KEYS, i, None) for i in range(a0, a1)]
+        merged += [(no_past[i], When.NO_PAST_KEYS, None, i) for i in range(b0, b1)]
     from_general = {a: i for i, (_, _, a, _) in enumerate(merged) if a is not None}
     from_no_past = {b: i for i, (_, _, _, b) in enumerate(merged) if b is not None}
     out = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 from ..errors import DoolyError
@@ -22,7 +23,6 @@ from .expr import ExprError, names
 IR_VERSION = 1
 KINDS = ("config", "request", "mix", "const")
 PERS = ("step", "request")
-CONDITIONS = ("K > T", "K == T")  # the only conditions the predictor knows: some request reads past keys, or none
 
 REQUEST_SYMBOLS = {
     "T": "query tokens of the step, all requests packed",
@@ -51,6 +51,16 @@ FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 ATTR_STRING = re.compile(r"[A-Za-z0-9_.:,+ -]{0,100}")  # "tanh", "contiguous_format", "bf16", "cuda:0"
 INT_LIMIT = 2**63  # sizes, strides, counts and attribute integers are int64 for torch
 ATTR_DEPTH = 4
+
+
+class When(Enum):
+    """A condition on the step under which the engine runs an op at all, its value as the IR prints it."""
+
+    PAST_KEYS = "K > T"  # some request of the step reads keys cached by earlier steps
+    NO_PAST_KEYS = "K == T"  # every request is new: no past keys to read
+
+
+CONDITIONS = tuple(w.value for w in When)
 
 
 class IRError(DoolyError, ValueError):
@@ -135,7 +145,7 @@ class Op:
     scope: str = ""
     count: int = 1
     per: str = "step"  # "step": runs `count` times a step; "request": `count` times for each request
-    when: str = ""  # empty, or a condition on request symbols under which the engine runs this op
+    when: When | None = None  # None: the engine runs this op in every step
 
     def to_json(self) -> dict:
         d = {
@@ -145,8 +155,8 @@ class Op:
         }
         if self.per != "step":
             d["per"] = self.per
-        if self.when:
-            d["when"] = self.when
+        if self.when is not None:
+            d["when"] = self.when.value
         return d
 
     def tensors(self) -> tuple[TensorSpec, ...]:
@@ -246,8 +256,12 @@ class _JsonReader:
                            "a module scope (dotted names, digits or *)", ""),
                   self.get(d, "count", path, lambda v: is_int(v) and v > 0, "a positive count", 1),
                   self.get(d, "per", path, lambda v: v in PERS, f"one of {', '.join(PERS)}", "step"),
-                  self.get(d, "when", path, lambda v: v == "" or v in CONDITIONS,
-                           f"a condition ({' or '.join(CONDITIONS)})", ""))
+                  self.when(d, path))
+
+    def when(self, d, path: str) -> When | None:
+        text = self.get(d, "when", path, lambda v: v in CONDITIONS,
+                        f"a condition ({' or '.join(CONDITIONS)})")
+        return None if text is None else When(text)
 
     def tensor(self, d, path: str, index: int) -> TensorSpec:
         dtype = self.get(d, "dtype", path, lambda v: v in DTYPES.values(), f"a dtype ({', '.join(DTYPES.values())})",

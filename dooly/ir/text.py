@@ -38,6 +38,7 @@ from .graph import (
     IRError,
     Op,
     TensorSpec,
+    When,
     attr_problem,
     dim_kind,
     is_int,
@@ -62,8 +63,8 @@ def format_op(i: int, op: Op) -> str:
     line = f"%{i} = {op.name}({', '.join(map(format_tensor, op.inputs))}){attrs} -> {outs} @{op.scope} x{op.count}"
     if op.per != "step":
         line += f" per-{op.per}"
-    if op.when:
-        line += f" when {op.when}"
+    if op.when is not None:
+        line += f" when {op.when.value}"
     return line
 
 
@@ -243,16 +244,15 @@ def _op(cur: _Cursor, config, request, index: int) -> Op:
     count = cur.integer()
     if count == 0:
         cur.fail("a positive count", cur.pos - 1)
-    per, when = "step", ""
+    per, when = "step", None
     if cur.peek(" per-"):
         cur.eat(" per-")
         per = cur.word(" ", lambda t: t in PERS, f"one of {', '.join(PERS)} after 'per-'")
     if cur.peek(" when "):
         cur.eat(" when ")
-        when = cur.text[cur.pos:]
-        if when not in CONDITIONS:
+        if cur.text[cur.pos:] not in CONDITIONS:
             cur.fail(f"a condition ({' or '.join(CONDITIONS)})")
-        cur.pos = len(cur.text)
+        when, cur.pos = When(cur.text[cur.pos:]), len(cur.text)
     if cur.pos != len(cur.text):
         cur.fail("end of line")
     return Op(name, inputs, outputs, attrs, scope, count, per, when)

@@ -23,7 +23,7 @@ import numpy as np
 from ..bench.kernels import KernelCount, attention_keys
 from ..errors import DoolyError
 from ..ir.expr import evaluator, names
-from ..ir.graph import Graph
+from ..ir.graph import Graph, When
 from ..limits import Limits
 from ..passes.canonicalize import Signature, uses
 from .host import HostModel
@@ -154,7 +154,7 @@ class Predictor:
             if per == "request" and batch is not None:
                 us = np.bincount(batch, weights=us, minlength=n)
             if reads is not None and when:
-                us = us * (reads if when == "K > T" else ~reads)
+                us = us * (reads if when is When.PAST_KEYS else ~reads)
             gpu += count * us
             if ops is not None:
                 ops += [(name, scope, n, n * us) for (name, scope), n in sites.items()]
@@ -192,7 +192,7 @@ class Predictor:
         reads = values["K"] > values["T"]
         gpu = 0.0
         for per, when, needs, members, memo in self.terms:
-            if (when == "K > T" and not reads) or (when == "K == T" and reads):
+            if (when is When.PAST_KEYS and not reads) or (when is When.NO_PAST_KEYS and reads):
                 continue
             rows = batch if per == "request" else [tuple(values[s] for s in needs)]
             missing = {r for r in rows if r not in memo}
