@@ -94,15 +94,15 @@ def summary(graph: Graph, seconds: float, written: list[Path]) -> None:
     per_step = sum(op.count for op in graph.ops if op.per == "step")
     per_request = sum(op.count for op in graph.ops if op.per == "request")
     meta = graph.meta
-    head = Table(title=f"{graph.model}: one serving step ({meta['engine']} {meta['engine_version']}, "
-                       f"{meta['attention']}, {meta['dtype']})", show_header=False)
-    head.add_row("architecture", f"{meta['architecture']} ({meta['layers']} layers)")
-    head.add_row("layer groups", ", ".join(f"{len(g['layers'])} traced x{g['count']}" for g in meta["layer_groups"]))
+    head = Table(title=f"{graph.model}: one serving step ({meta.engine} {meta.engine_version}, "
+                       f"{meta.attention}, {meta.dtype})", show_header=False)
+    head.add_row("architecture", f"{meta.architecture} ({meta.layers} layers)")
+    head.add_row("layer groups", ", ".join(f"{len(g.layers)} traced x{g.count}" for g in meta.layer_groups))
     head.add_row("IR ops", f"{len(graph.ops)} ({len({op.name for op in graph.ops})} distinct op names)")
     head.add_row("kernels per step", f"{per_step} + {per_request} per request")
     hist = label_histogram(graph)
     head.add_row("dim labels", "  ".join(f"{k} {hist.get(k, 0)}" for k in ("config", "request", "mix", "const")))
-    head.add_row("request symbols", " ".join(meta["request_symbols"]))
+    head.add_row("request symbols", " ".join(meta.request_symbols))
     head.add_row("compiled in", f"{seconds:.1f} s")
     for path in written:
         head.add_row("wrote", str(path))

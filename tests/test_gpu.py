@@ -101,7 +101,7 @@ def expected(ir, step: dict) -> Counter:
             continue  # built in prepare_batch_tensors, outside the recorded forward
         if (op.when is When.PAST_KEYS and not reads) or (op.when is When.NO_PAST_KEYS and reads):
             continue
-        count = op.count * LAYERS // ir.meta["layers"] if "layers.*" in op.scope else op.count
+        count = op.count * LAYERS // ir.meta.layers if "layers.*" in op.scope else op.count
         shapes = tuple(tuple(int(evaluate(d.expr, env)) for d in t.shape) for t in op.inputs)
         out[(op.name, pool_free(op.name, shapes))] += count
     return out

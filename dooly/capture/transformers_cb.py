@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..config import ModelConfig, first_line
 from ..errors import DoolyError
 from ..ir.expr import names, render, to_sympy
-from ..ir.graph import Graph, Op, When, map_dims
+from ..ir.graph import Graph, GraphMeta, Op, When, map_dims
 from ..transformers_engine import (
     ATTENTION,
     BLOCK_SIZE,
@@ -257,20 +257,19 @@ def _capture(cfg: ModelConfig, dtype: str) -> Capture:
     check_serving_step(step.ops, cfg.name, cfg.model_type)
     used = set(perturbed) | {n for op in step.ops for t in op.tensors() for d in t.dims() for n in names(d.expr)} | {
         n for op in step.ops for text in _sym_attrs(op.attrs) for n in names(text)}
-    meta = {
-        "architecture": (cfg.data.get("architectures") or [type(model).__name__])[0],
-        "model_type": cfg.model_type, "frontend": "transformers", "engine": ENGINE,
-        "engine_version": transformers.__version__, "attention": attention, "dtype": dtype, "tp": 1,
-        "config": {f: v for f, v in step.values.items() if f in used}, "concrete_fields": sorted(perturbed),
-        "request_symbols": sorted(HINTS),
-        "layers": cfg.num_layers, "layer_counts": {str(i): c for i, c in counts.items()},
+    meta = GraphMeta(
+        architecture=(cfg.data.get("architectures") or [type(model).__name__])[0],
+        model_type=cfg.model_type, frontend="transformers", engine=ENGINE,
+        engine_version=transformers.__version__, attention=attention, dtype=dtype, tp=1,
+        config={f: v for f, v in step.values.items() if f in used}, concrete_fields=tuple(sorted(perturbed)),
+        request_symbols=tuple(sorted(HINTS)), layers=cfg.num_layers, layer_counts=counts,
         # the engine reads through a window for the layers it groups as sliding (whatever the module says)
-        "sliding_window": config.sliding_window if any(
+        sliding_window=config.sliding_window if any(
             d.expr == "Ks" for op in step.ops for t in op.tensors() for d in t.shape) else None,
-        "engine_config": {"block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS, "max_batch_tokens": MAX_BATCH_TOKENS,
-                          "sampling": "greedy"},
-        "assumes": step.guards,
-    }
+        engine_config={"block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS, "max_batch_tokens": MAX_BATCH_TOKENS,
+                       "sampling": "greedy"},
+        assumes=tuple(step.guards),
+    )
     return Capture(Graph(cfg.name, meta, step.ops), perturbed)
 
 

@@ -103,8 +103,8 @@ class Predictor:
     def __init__(self, graph: Graph, ops: OpModel, host: HostModel | None, backend: str, layers: int | None = None):
         """`layers`: predict the model cut to this many decoder layers (how too-big models are validated)."""
         self.graph, self.ops, self.host = graph, ops, host
-        scale = 1.0 if layers is None else layers / graph.meta["layers"]
-        self.window = graph.meta.get("sliding_window") or 0
+        scale = 1.0 if layers is None else layers / graph.meta.layers
+        self.window = graph.meta.sliding_window or 0
         groups: dict[tuple, list] = {}
         terms: dict[tuple, list] = {}
         for u in uses(graph, backend):
@@ -236,8 +236,8 @@ def load_predictor(graph: Graph, store, env: str, layers: int | None = None) -> 
     from .opmodel import load_or_fit
 
     _, environment = store.environment(env)
-    if graph.meta.get("engine") not in (None, environment.engine):
-        raise DoolyError(f"{graph.model} was captured for {graph.meta.get('engine')}, the environment {env} "
+    if graph.meta.engine not in ("", environment.engine):  # "": an IR that did not record its engine
+        raise DoolyError(f"{graph.model} was captured for {graph.meta.engine}, the environment {env} "
                          f"measured {environment.engine}")
     ops, _ = load_or_fit(store, env)
     try:

@@ -204,4 +204,4 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
     curve = lambda v: Curve(*zip(*sorted(v))) if v else None  # noqa: E731
     host = {depth: HostFloor(curve(k.get("decode")), curve(k.get("prefill")), curve(k.get("mixed")))
             for depth, k in floors.items()}
-    return StepModel(terms, host, graph.meta.get("layers", 1))
+    return StepModel(terms, host, graph.meta.layers)
