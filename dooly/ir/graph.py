@@ -354,7 +354,7 @@ class _JsonReader:
             raise IRError(f"IR version {version} is newer than this Dooly reads ({IR_VERSION})")
         model = self.get(d, "model", "", lambda v: type(v) is str and MODEL_NAME.fullmatch(v), "a model name "
                          "(letters, digits and _.+-)", required=True)
-        meta = meta_from_json(self.get(d, "meta", "", lambda v: True, "an object", {}), version)
+        meta = meta_from_json(self.get(d, "meta", "", lambda v: type(v) is dict, "an object", {}), version)
         self.config, self.request = meta.config, frozenset(meta.request_symbols)
         ops = self.get(d, "ops", "", lambda v: type(v) is list, "a list of ops", required=True)
         return Graph(model, meta, [self.op(o, i) for i, o in enumerate(ops)])
