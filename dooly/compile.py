@@ -18,6 +18,7 @@ from .config import MAX_LAYERS, ModelConfig, load_config
 from .errors import DoolyError, command
 from .ir import Graph, dumps
 from .ir.graph import IRError
+from .ir.verify import verify
 from .passes.pipeline import compile_model
 
 GOLDEN = Path("golden")  # --update-golden runs in a checkout: its golden IRs and its zoo
@@ -46,7 +47,9 @@ def cached_compile(cfg: ModelConfig, frontend: str = "transformers", dtype: str 
     cache = Path(os.environ.get("DOOLY_CACHE", Path.home() / ".cache" / "dooly")) / "ir"
     path = cache / f"{cfg.name}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
     try:
-        return Graph.from_json(json.loads(path.read_text()))
+        graph = Graph.from_json(json.loads(path.read_text()))
+        verify(graph)
+        return graph
     except (OSError, ValueError, RecursionError, DoolyError):  # none yet, or one cut short or edited: compile it
         pass
     graph = compile_model(cfg, frontend, dtype, tp)
@@ -64,9 +67,10 @@ def load_model(path: Path) -> Graph:
         from .ir.text import ParseError, loads
 
         try:
-            return loads(path.read_text())
+            graph = loads(path.read_text())
         except (OSError, UnicodeDecodeError, ParseError) as e:
             raise DoolyError(f"{path}: not a readable IR dump ({e})") from None
+        return _verified(graph, path)
     if path.exists() and path.is_file() and path.stat().st_size > 0:
         try:
             data = json.loads(path.read_text())
@@ -76,10 +80,19 @@ def load_model(path: Path) -> Graph:
             raise DoolyError(f"{path}: unreadable JSON ({e})") from None
         if isinstance(data, dict) and "ops" in data and "ir_version" in data:
             try:
-                return Graph.from_json(data)
+                graph = Graph.from_json(data)
             except IRError as e:
                 raise DoolyError(f"{path}: not a readable IR ({e})") from None
+            return _verified(graph, path)
     return cached_compile(load_config(path))
+
+
+def _verified(graph: Graph, path: Path) -> Graph:
+    try:
+        verify(graph)
+    except IRError as e:
+        raise DoolyError(f"{path}: not a valid IR ({e})") from None
+    return graph
 
 
 def label_histogram(graph: Graph) -> Counter:
@@ -94,15 +107,15 @@ def summary(graph: Graph, seconds: float, written: list[Path]) -> None:
     per_step = sum(op.count for op in graph.ops if op.per == "step")
     per_request = sum(op.count for op in graph.ops if op.per == "request")
     meta = graph.meta
-    head = Table(title=f"{graph.model}: one serving step ({meta['engine']} {meta['engine_version']}, "
-                       f"{meta['attention']}, {meta['dtype']})", show_header=False)
-    head.add_row("architecture", f"{meta['architecture']} ({meta['layers']} layers)")
-    head.add_row("layer groups", ", ".join(f"{len(g['layers'])} traced x{g['count']}" for g in meta["layer_groups"]))
+    head = Table(title=f"{graph.model}: one serving step ({meta.engine} {meta.engine_version}, "
+                       f"{meta.attention}, {meta.dtype})", show_header=False)
+    head.add_row("architecture", f"{meta.architecture} ({meta.layers} layers)")
+    head.add_row("layer groups", ", ".join(f"{len(g.layers)} traced x{g.count}" for g in meta.layer_groups))
     head.add_row("IR ops", f"{len(graph.ops)} ({len({op.name for op in graph.ops})} distinct op names)")
     head.add_row("kernels per step", f"{per_step} + {per_request} per request")
     hist = label_histogram(graph)
     head.add_row("dim labels", "  ".join(f"{k} {hist.get(k, 0)}" for k in ("config", "request", "mix", "const")))
-    head.add_row("request symbols", " ".join(meta["request_symbols"]))
+    head.add_row("request symbols", " ".join(meta.request_symbols))
     head.add_row("compiled in", f"{seconds:.1f} s")
     for path in written:
         head.add_row("wrote", str(path))

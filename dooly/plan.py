@@ -31,7 +31,7 @@ from .passes.dedup import dedup
 def step_uses(graph: Graph, backend: str, exact: bool = False) -> list:
     """What the graph's engine profiles: compiled pieces and the ops around them for a vLLM IR (vLLM's default
     mode), every op otherwise; `exact` for a per-model profiler, which tells ops of other shapes apart."""
-    if graph.meta.get("engine") == "vllm":
+    if graph.meta.engine == "vllm":
         from .passes.pieces import piece_uses
 
         return piece_uses(graph, backend, exact)

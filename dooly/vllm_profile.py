@@ -99,7 +99,7 @@ def run(args) -> int:
         raise DoolyError(f"unknown vLLM attention backend {args.backend!r} (choose from {', '.join(BACKENDS)})")
     graphs = [load_model(path) for path in args.config]
     for path, g in zip(args.config, graphs):
-        if g.meta.get("engine") != "vllm":
+        if g.meta.engine != "vllm":
             raise DoolyError(f"{path}: not a vLLM IR (compile it with --frontend vllm)")
     import torch
 
@@ -116,7 +116,7 @@ def run(args) -> int:
     deadline = start + args.budget_s
     console = Console()
     store = Store(args.store)
-    versions = {g.meta.get("engine_version") for g in graphs}
+    versions = {g.meta.engine_version for g in graphs}
     if len(versions) != 1:
         raise DoolyError(f"the IRs come from different vLLM versions ({', '.join(map(str, versions))})")
     env = store.add_environment(detect_vllm(args.backend, args.eager, versions.pop()))

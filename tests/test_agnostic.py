@@ -6,6 +6,7 @@ import pytest
 from helpers import ROOT, compile_dict, exprs, find, tiny_llama, zoo_graph
 
 from dooly.errors import DoolyError
+from dooly.ir import LayerGroup
 
 
 def _mm(graph, scope):
@@ -29,8 +30,8 @@ def test_shared_expert_and_routed_experts_keep_their_own_fields():
 
 def test_attention_sinks_run_in_the_engines_eager_fallback():
     g = zoo_graph("gpt-oss-20b")  # openai/gpt-oss-20b: 64 heads of 64, 8 KV heads, 32 experts, top 4, window 128
-    assert g.meta["attention"] == "paged|eager"  # the class refuses sdpa; the engine runs paged|eager
-    assert sorted(grp["count"] for grp in g.meta["layer_groups"]) == [12, 12]
+    assert g.meta.attention == "paged|eager"  # the class refuses sdpa; the engine runs paged|eager
+    assert sorted(grp.count for grp in g.meta.layer_groups) == [12, 12]
     sinks = [op for op in find(g, "self_attn", "aten.cat") if exprs(op.outputs[0])[-1] in ("K + 1", "Ks + 1")]
     assert sorted(exprs(op.outputs[0])[-1] for op in sinks) == ["K + 1", "Ks + 1"]  # one sink column per head
     assert all(exprs(op.outputs[0])[:3] == ["1", "num_attention_heads", "T"] for op in sinks)
@@ -40,7 +41,7 @@ def test_attention_sinks_run_in_the_engines_eager_fallback():
     routers = [op for op in find(g, "mlp.router") if op.name in ("aten.mm", "aten.addmm")]
     assert {tuple(exprs(op.outputs[0])) for op in routers} == {("T", "num_local_experts")}
     assert routers[0].outputs[0].shape[1].value == 32
-    assert g.meta["sliding_window"] == 128
+    assert g.meta.sliding_window == 128
 
 
 def test_olmo2_normalises_the_whole_projection():
@@ -48,7 +49,7 @@ def test_olmo2_normalises_the_whole_projection():
     norm = find(g, "self_attn.q_norm", "aten.pow.Tensor_Scalar")[0]
     assert exprs(norm.inputs[0]) == ["1", "T", "head_dim*num_attention_heads"]
     assert norm.inputs[0].shape[2].value == 2048
-    assert g.meta["layer_groups"] == [{"count": 16, "layers": [0]}]
+    assert g.meta.layer_groups == (LayerGroup((0,), 16),)
 
 
 def test_a_field_missing_from_any_list_is_still_a_symbol():
@@ -57,16 +58,27 @@ def test_a_field_missing_from_any_list_is_still_a_symbol():
                       "moe_intermediate_size": 64, "shared_expert_intermediate_size": 96})
     shared = _mm(g, "mlp.shared_expert.down_proj")
     assert exprs(shared.inputs[0]) == ["T", "shared_expert_intermediate_size"]
-    assert "shared_expert_intermediate_size" in g.meta["config"]
+    assert "shared_expert_intermediate_size" in g.meta.config
 
 
 def test_gpt2_style_fields_are_labelled_by_their_common_names():
     # GPT-2 stores hidden_size as n_embd and never reads a head_dim: none is injected
     g = compile_dict({"model_type": "gpt2", "n_embd": 128, "n_head": 4, "n_layer": 2, "vocab_size": 512,
                       "n_positions": 256}, name="tiny-gpt2")
-    assert "head_dim" not in g.meta["config"] and g.meta["config"]["hidden_size"] == 128
+    assert "head_dim" not in g.meta.config and g.meta.config["hidden_size"] == 128
+    assert g.meta.layer_groups == (LayerGroup((0,), 2),)  # one layer traced for both, counted once
     (qkv,) = find(g, "attn.c_attn", "aten.addmm")
     assert exprs(qkv.outputs[0]) == ["T", "3*hidden_size"]
+
+
+def test_a_depth_stored_under_its_own_name_is_not_a_size():
+    from dooly.capture.common import size_fields, text_config
+    from dooly.config import parse_config
+
+    cfg = parse_config({"model_type": "gpt2", "n_embd": 128, "n_head": 4, "n_layer": 2, "vocab_size": 512},
+                       "tiny-gpt2", "tiny-gpt2")
+    fields = size_fields(text_config(cfg), {"n_layer", "n_embd", "n_head"})
+    assert fields == {"hidden_size": 128, "num_attention_heads": 4}  # the trace cuts the depth, no field sets it
 
 
 def test_a_model_that_bypasses_the_paged_cache_is_refused():

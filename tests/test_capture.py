@@ -3,7 +3,7 @@
 import pytest
 from helpers import compile_dict, exprs, find, tiny_llama, zoo_graph
 
-from dooly.ir import dumps
+from dooly.ir import LayerGroup, When, dumps
 
 
 def _mm(graph, scope):
@@ -46,9 +46,9 @@ def test_serving_step_of_the_engine():
     assert exprs(sdpa.inputs[0]) == ["1", "num_attention_heads", "T", "head_dim"]
     assert exprs(sdpa.inputs[1])[2] == "K" and exprs(sdpa.inputs[3]) == ["1", "1", "T", "K"]
     reads = find(g, "self_attn", "aten.index_select")
-    assert len(reads) == 2 and all(op.when == "K > T" and exprs(op.outputs[0])[0] == "K" for op in reads)
+    assert len(reads) == 2 and all(op.when is When.PAST_KEYS and exprs(op.outputs[0])[0] == "K" for op in reads)
     writes = find(g, "self_attn", "aten.index_copy_")
-    assert len(writes) == 2 and all(exprs(op.inputs[1]) == ["T"] and not op.when for op in writes)
+    assert len(writes) == 2 and all(exprs(op.inputs[1]) == ["T"] and op.when is None for op in writes)
     lm = _mm(g, "lm_head")
     assert exprs(lm.inputs[0]) == ["R", "hidden_size"] and exprs(lm.outputs[0]) == ["R", "vocab_size"]
     (argmax,) = find(g, "engine.compute_batch", "aten.argmax")
@@ -57,7 +57,7 @@ def test_serving_step_of_the_engine():
     assert fill.name == "aten.fill_.Scalar"
     mask = find(g, "engine.attention_mask.full_attention")
     assert {op.per for op in mask} == {"request"} and exprs(mask[0].outputs[0]) == ["1", "1", "q", "k"]
-    assert g.meta["concrete_fields"] == ["head_dim"]  # pinned by rotary embeddings, recovered by perturbation
+    assert g.meta.concrete_fields == ("head_dim",)  # pinned by rotary embeddings, recovered by perturbation
     (inv_freq,) = find(g, "model.rotary_emb", "aten.bmm")
     assert exprs(inv_freq.inputs[0]) == ["1", "(head_dim//2)", "1"]
 
@@ -67,7 +67,7 @@ def test_llama_down_proj_and_layer_count():
     down = _mm(g, "mlp.down_proj")
     assert exprs(down.inputs[0]) == ["T", "intermediate_size"] and down.inputs[0].shape[1].value == 28672
     assert down.count == 80 and down.scope == "model.layers.*.mlp.down_proj"
-    assert g.meta["layer_groups"] == [{"count": 80, "layers": [0]}]
+    assert g.meta.layer_groups == (LayerGroup((0,), 80),)
 
 
 def test_mistral_explicit_head_dim():
@@ -92,7 +92,7 @@ def test_qwen3_normalises_each_head():
 
 def test_gemma2_sliding_and_full_layers_stay_apart():
     g = zoo_graph("gemma-2-9b")
-    assert sorted(grp["count"] for grp in g.meta["layer_groups"]) == [21, 21]
+    assert sorted(grp.count for grp in g.meta.layer_groups) == [21, 21]
     keys = sorted(exprs(op.inputs[1])[2] for op in g.ops if op.name == "aten.scaled_dot_product_attention")
     assert keys == ["K", "Ks"]
     (tanh,) = find(g, "engine.compute_batch", "aten.tanh")  # final logit soft-capping, on the R selected rows
@@ -108,7 +108,7 @@ def test_phi3_fused_projections():
 
 def test_cohere2_three_sliding_layers_to_one_full():
     g = zoo_graph("command-r7b")
-    assert g.meta["layer_groups"] == [{"count": 24, "layers": [0, 1, 2]}, {"count": 8, "layers": [3]}]
+    assert g.meta.layer_groups == (LayerGroup((0, 1, 2), 24), LayerGroup((3,), 8))
     centred = find(g, "input_layernorm", "aten.sub.Tensor")  # LayerNorm, not RMSNorm
     assert exprs(centred[0].inputs[0]) == ["1", "T", "hidden_size"]
 
@@ -122,7 +122,7 @@ def test_moe_experts_run_as_grouped_gemms(name, experts, width):
     assert exprs(up.inputs[1]) == ["num_local_experts", "hidden_size", f"2*{width}"]
     assert up.inputs[1].shape[0].value == experts and up.inputs[0].shape[0].kind == "mix"
     assert exprs(down.outputs[0]) == ["T*num_experts_per_tok", "hidden_size"]
-    assert "num_local_experts" in g.meta["concrete_fields"]  # histc(bins=...) pins it; perturbation recovers it
+    assert "num_local_experts" in g.meta.concrete_fields  # histc(bins=...) pins it; perturbation recovers it
 
 
 def test_collapse_of_a_full_depth_trace_equals_the_traced_prefix():
@@ -137,7 +137,7 @@ def test_collapse_of_a_full_depth_trace_equals_the_traced_prefix():
             "sliding_window": 64}
     cfg = parse_config(data, "tiny-gemma2", "tiny-gemma2")
     prefix = capture(cfg)
-    assert prefix.graph.meta["layer_counts"] == {"0": 3, "1": 3}
+    assert prefix.graph.meta.layer_counts == {0: 3, 1: 3}
     config = text_config(cfg)
     fields = size_fields(config, full_model(config)[1])
     full = trace_both(cfg, 6, "bf16", {}, fields)
@@ -146,6 +146,6 @@ def test_collapse_of_a_full_depth_trace_equals_the_traced_prefix():
     full_graph = prefix.graph.with_ops(full.ops, layer_counts={})
     a = collapse(taint(prefix.graph, prefix.perturbed))
     b = collapse(taint(full_graph, moved))
-    assert dumps(a.with_ops(a.ops, layer_counts={}, layer_groups=[])) == dumps(
-        b.with_ops(b.ops, layer_counts={}, layer_groups=[]))
-    assert [grp["count"] for grp in b.meta["layer_groups"]] == [3, 3]
+    assert dumps(a.with_ops(a.ops, layer_counts={}, layer_groups=())) == dumps(
+        b.with_ops(b.ops, layer_counts={}, layer_groups=()))
+    assert [grp.count for grp in b.meta.layer_groups] == [3, 3]

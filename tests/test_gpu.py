@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 from helpers import ROOT, zoo_data
 
-from dooly.ir import loads
+from dooly.ir import When, loads
 from dooly.ir.expr import evaluate
 
 pytestmark = pytest.mark.gpu
@@ -99,9 +99,9 @@ def expected(ir, step: dict) -> Counter:
     for op in ir.ops:
         if op.scope.startswith("engine.reset") or op.scope.startswith("engine.attention_mask"):
             continue  # built in prepare_batch_tensors, outside the recorded forward
-        if (op.when == "K > T" and not reads) or (op.when == "K == T" and reads):
+        if (op.when is When.PAST_KEYS and not reads) or (op.when is When.NO_PAST_KEYS and reads):
             continue
-        count = op.count * LAYERS // ir.meta["layers"] if "layers.*" in op.scope else op.count
+        count = op.count * LAYERS // ir.meta.layers if "layers.*" in op.scope else op.count
         shapes = tuple(tuple(int(evaluate(d.expr, env)) for d in t.shape) for t in op.inputs)
         out[(op.name, pool_free(op.name, shapes))] += count
     return out

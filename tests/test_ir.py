@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from helpers import zoo_graph
 
-from dooly.ir import Dim, Graph, Op, TensorSpec, dumps, loads
+from dooly.ir import Dim, Graph, GraphMeta, Op, TensorSpec, When, dumps, loads
 from dooly.ir.expr import ExprError, evaluate, names, render, simplify, to_sympy
+from dooly.ir.graph import IRError
 from dooly.ir.text import ParseError
 
 
@@ -47,15 +48,16 @@ def _hand_graph() -> Graph:
         Op("aten.mm", (TensorSpec("bf16", (t, h)), TensorSpec("bf16", (h, i), (one, h))),
            (TensorSpec("bf16", (t, i)),), {}, "model.layers.*.mlp.up_proj", 32),
         Op("aten.mean.dim", (TensorSpec("f32", (one, mix), src=0),), (TensorSpec("f32", (one, one)),),
-           {"dim": [-1], "keepdim": True, "note": "a, b"}, "model.norm", 1, "step", "K > T"),
+           {"dim": [-1], "keepdim": True, "note": "a, b"}, "model.norm", 1, "step", When.PAST_KEYS),
         Op("aten.triu", (TensorSpec("bf16", (Dim("q", "request"), Dim("k", "request"))),),
            (TensorSpec("bf16", (Dim("q", "request"), Dim("k", "request"))),), {"diagonal": {"sym": "k - q + 1"}},
            "engine.attention_mask", 1, "request"),
         Op("aten.split", (TensorSpec("bf16", (t, h)),), (TensorSpec("bf16", (t,)), TensorSpec("bf16", (t,))),
            {}, "engine", 2),
     ]
-    return Graph("hand", {"config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},
-                          "request_symbols": ["K", "R", "T", "k", "q"], "engine": "x"}, ops)
+    meta = GraphMeta(engine="x", config={"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},
+                     request_symbols=("K", "R", "T", "k", "q"))
+    return Graph("hand", meta, ops)
 
 
 def test_text_round_trip_of_every_feature():
@@ -96,3 +98,38 @@ def test_parse_errors_name_the_line(line):
 def test_newer_ir_version_is_refused():
     with pytest.raises(ParseError, match="newer"):
         loads("ir 99\nmodel m\n")
+
+
+V1_TEXT = ('ir 1\nmodel m\nmeta {"engine": "x", "layers": 2, "layer_counts": {"0": 2}, "note": "any"}\n'
+           'config hidden_size=64\nrequest T\n'
+           '%0 = aten.relu(bf16[T, hidden_size=64]) -> bf16[T, hidden_size=64] @x x1\n')
+
+
+def test_a_version_1_meta_reads_as_a_typed_one():
+    g = loads(V1_TEXT)  # a free dict then: fields it lacks take their defaults, keys no field has are left out
+    assert g.meta == GraphMeta(engine="x", config={"hidden_size": 64}, request_symbols=("T",), layers=2,
+                               layer_counts={0: 2})
+    data = json.loads(g.dumps_json())
+    data["ir_version"], data["meta"] = 1, {"config": {"hidden_size": 64}, "request_symbols": ["T"]}
+    assert Graph.from_json(data).meta == GraphMeta(config={"hidden_size": 64}, request_symbols=("T",))
+    assert dumps(g).startswith("ir 2\n")
+
+
+def test_a_version_2_meta_is_checked_field_by_field():
+    text = dumps(loads(V1_TEXT))
+    for old, new, error in [
+        ('"layers": 2', '"layers": 0', r"^line 3: meta\.layers: expected a positive number of layers"),
+        ('"layers": 2, ', "", r"^line 3: meta\.layers: expected"),  # every field is written, so one missing is a fault
+        ('"layers": 2', '"layers": 2, "note": 1', r"^line 3: meta\.note: expected no such field"),
+        ('"layer_groups": []', '"layer_groups": [{"count": 2}]', r"^line 3: meta\.layer_groups: expected a list"),
+        ('meta {', 'meta {"config": {}, ', r"^line 3, column \d+: expected a JSON object without config"),
+    ]:
+        assert old in text
+        with pytest.raises(ParseError, match=error):
+            loads(text.replace(old, new, 1))
+    data = json.loads(loads(V1_TEXT).dumps_json())
+    data["meta"]["layer_counts"] = {"first": 2}
+    with pytest.raises(IRError, match=r"^meta\.layer_counts: expected an object of layer index"):
+        Graph.from_json(data)
+    with pytest.raises(ParseError, match="no 'meta' line"):
+        loads("\n".join(line for line in text.splitlines() if not line.startswith("meta")))

@@ -11,7 +11,7 @@ from helpers import ROOT, dooly
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dooly.ir import DTYPES, Dim, Graph, Op, TensorSpec, dumps, loads
+from dooly.ir import DTYPES, Dim, Graph, GraphMeta, Op, TensorSpec, dumps, loads
 from dooly.ir.graph import IRError
 from dooly.passes import codegen
 from dooly.passes.canonicalize import Signature, unique
@@ -200,7 +200,7 @@ def _forged_graph(**output) -> Graph:
     t, h = Dim("T", "request"), Dim("hidden_size", "config", 64)
     out = replace(TensorSpec("bf16", (t, h)), **output)
     op = Op("aten.mm", (TensorSpec("bf16", (t, h)), TensorSpec("bf16", (h, h))), (out,), {}, "x", 1)
-    return Graph("forged", {"config": {"hidden_size": 64}, "request_symbols": ["T"]}, [op])
+    return Graph("forged", GraphMeta(config={"hidden_size": 64}, request_symbols=("T",)), [op])
 
 
 class Sneaky(str):

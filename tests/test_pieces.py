@@ -21,7 +21,7 @@ def test_every_layer_boundary_is_one_piece(name):
     g = load_model(GOLDEN / f"{name}.ir")
     cut = pieces(g, "FLASH_ATTN")
     assert [p.role for p in (cut[0], cut[-1])] == ["first", "last"] and cut[0].count == cut[-1].count == 1
-    assert sum(p.count for p in cut if p.role == "layer") == g.meta["layers"] - 1
+    assert sum(p.count for p in cut if p.role == "layer") == g.meta.layers - 1
     inside = [i for p in cut for i in p.ops]
     assert not any(g.ops[i].name in SPLITTING_OPS for i in inside)
     assert all(g.ops[i].scope.startswith("model.") for i in inside)
@@ -40,14 +40,14 @@ def test_a_step_is_its_pieces_and_the_ops_around_them():
 
 
 def _edited(g: Graph, dim, config: dict) -> Graph:
-    return Graph(g.model, {**g.meta, "config": config}, [map_dims(op, dim) for op in g.ops])
+    return Graph(g.model, replace(g.meta, config=config), [map_dims(op, dim) for op in g.ops])
 
 
 def test_pieces_dedup_across_field_names_not_across_sizes():
     g = load_model(GOLDEN / "llama-4-scout-17b-16e.ir")
     hashes = lambda graph: [p.signature.hash for p in pieces(graph, "FLASH_ATTN")]  # noqa: E731
     word = re.compile(r"\bhidden_size\b")
-    config = g.meta["config"]
+    config = g.meta.config
     renamed = _edited(g, lambda d: replace(d, expr=word.sub("n_embd", d.expr)),
                       {("n_embd" if k == "hidden_size" else k): v for k, v in config.items()})
     assert hashes(renamed) == hashes(g)  # another family's name for the same size

@@ -13,6 +13,7 @@ from test_store import env
 
 from dooly.environment import BACKENDS
 from dooly.errors import DoolyError
+from dooly.ir import When
 from dooly.ir.expr import evaluate
 from dooly.passes.canonicalize import uses
 from dooly.predict import Batches, environment_name, load_predictor
@@ -75,7 +76,7 @@ def expected_gpu_us(graph, batch) -> float:
     step = {"T": T, "R": R, "K": K, "Ks": K, "Kmax": max(k for _, k in batch)}
     total = 0.0
     for u in uses(graph, "paged|sdpa"):
-        if (u.when == "K > T" and K <= T) or (u.when == "K == T" and K > T):
+        if (u.when is When.PAST_KEYS and K <= T) or (u.when is When.NO_PAST_KEYS and K > T):
             continue
         envs = [{"q": q, "k": k} for q, k in batch] if u.per == "request" else [step]
         for e in envs:

@@ -113,4 +113,4 @@ def test_tp_prediction_needs_measured_collectives(shipped, tmp_path):
 
 
 def test_single_gpu_ir_is_unchanged_by_the_tp_machinery():
-    assert "tp_plan" not in zoo_graph("llama-3.2-1b").meta
+    assert not zoo_graph("llama-3.2-1b").meta.tp_plan

@@ -13,7 +13,7 @@ vllm = pytest.importorskip("vllm")
 from helpers import ROOT, exprs, find, tiny_llama, zoo_graph  # noqa: E402
 from helpers import compile_dict as compile_helper  # noqa: E402
 
-from dooly.ir import dumps, loads  # noqa: E402
+from dooly.ir import LayerGroup, dumps, loads  # noqa: E402
 
 VLLM_ONLY = sorted(p.stem for p in (ROOT / "configs" / "vllm").glob("*.json"))  # what only vLLM runs
 GOLDEN = ROOT / "golden" / "vllm"
@@ -60,8 +60,8 @@ def _attention(graph):
 
 def test_llama_serving_step():
     g = vllm_graph("llama-3.1-8b")
-    assert g.meta["frontend"] == "vllm" and g.meta["engine"] == "vllm" and g.meta["attention"] == "FLASH_ATTN"
-    assert g.meta["engine_version"] == vllm.__version__
+    assert g.meta.frontend == "vllm" and g.meta.engine == "vllm" and g.meta.attention == "FLASH_ATTN"
+    assert g.meta.engine_version == vllm.__version__
     qkv = _mm(g, "self_attn.qkv_proj")
     assert exprs(qkv.inputs[0]) == ["T", "hidden_size"]
     assert exprs(qkv.outputs[0]) == ["T", QKV] and qkv.outputs[0].shape[1].value == 6144
@@ -93,12 +93,12 @@ def test_llama_attention_carries_the_batch_layout():
     assert exprs(write.inputs[-1]) == ["T"] and write.inputs[-1].dtype == "i64"  # slot_mapping
     o_proj = _mm(g, "self_attn.o_proj")  # reads what the attention op wrote into its `output` argument
     assert g.ops[o_proj.inputs[0].src] is attn and exprs(o_proj.inputs[0]) == ["T", "head_dim*num_attention_heads"]
-    assert g.meta["request_symbols"] == ["K", "Kmax", "R", "T", "Tmax"]
+    assert g.meta.request_symbols == ("K", "Kmax", "R", "T", "Tmax")
 
 
 def test_llama_layers_collapse():
     g = vllm_graph("llama-3.1-8b")
-    assert g.meta["layer_groups"] == [{"count": 32, "layers": [0]}]
+    assert g.meta.layer_groups == (LayerGroup((0,), 32),)
     down = _mm(g, "mlp.down_proj")
     assert down.count == 32 and down.scope == "model.layers.*.mlp.down_proj"
     assert _attention(g).count == 32 and _mm(g, "logits_processor").count == 1
@@ -117,7 +117,7 @@ def test_qwen2_head_size_comes_from_hidden_size():
     assert exprs(_mm(g, "mlp.gate_up_proj").outputs[0]) == ["T", "2*intermediate_size"]
     assert exprs(_mm(g, "mlp.down_proj").inputs[0]) == ["T", "intermediate_size"]
     assert exprs(_mm(g, "logits_processor").outputs[0]) == ["R", PADDED_VOCAB]
-    assert g.meta["layer_groups"] == [{"count": 28, "layers": [0]}]
+    assert g.meta.layer_groups == (LayerGroup((0,), 28),)
 
 
 def test_mixtral_experts_run_as_one_op():
@@ -133,14 +133,14 @@ def test_mixtral_experts_run_as_one_op():
     assert moe.attrs["top_k"] == {"sym": "num_experts_per_tok"} and exprs(moe.outputs[0]) == ["T", "hidden_size"]
     assert exprs(_attention(g).inputs[-3]) == ["R + 1"]
     assert exprs(_mm(g, "logits_processor").outputs[0]) == ["R", PADDED_VOCAB]
-    assert moe.count == 32 and g.meta["layer_groups"] == [{"count": 32, "layers": [0]}]
+    assert moe.count == 32 and g.meta.layer_groups == (LayerGroup((0,), 32),)
 
 
 def test_gemma2_sliding_and_full_layers_stay_apart():
     g = vllm_graph("gemma-2-2b")
-    assert [grp["count"] for grp in g.meta["layer_groups"]] == [13, 13]
+    assert [grp.count for grp in g.meta.layer_groups] == [13, 13]
     windows = [op.attrs.get("sliding_window") for op in g.ops if op.name == "vllm.unified_attention_with_output"]
-    assert windows == [4096, None] and g.meta["sliding_window"] == 4096
+    assert windows == [4096, None] and g.meta.sliding_window == 4096
 
 
 @pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen2.5-7b", "mixtral-8x7b"])
@@ -158,7 +158,7 @@ def test_equal_numbers_get_their_own_fields():
     o_proj = _mm(g, "self_attn.o_proj")
     assert exprs(o_proj.inputs[0]) == ["T", "head_dim*num_attention_heads"]
     assert exprs(o_proj.outputs[0]) == ["T", "hidden_size"]
-    assert g.meta["concrete_fields"] == []  # every field stayed a symbol, the head size included
+    assert g.meta.concrete_fields == ()  # every field stayed a symbol, the head size included
 
 
 def test_request_dims_do_not_depend_on_trace_sizes(monkeypatch):
@@ -216,12 +216,12 @@ def test_deepseek_dense_first_layers_and_shared_experts():
     assert ["n_routed_experts", "hidden_size", "moe_intermediate_size"] in weights
     assert ["2*moe_intermediate_size*n_shared_experts", "hidden_size"] in weights  # n_shared_experts=1: moved
     assert ["hidden_size", "moe_intermediate_size*n_shared_experts"] in weights
-    assert g.meta["concrete_fields"] == ["n_shared_experts"]
+    assert g.meta.concrete_fields == ("n_shared_experts",)
 
 
 def test_qwen3_next_gated_delta_net_layers():
     g = vllm_only_graph("qwen3-next-80b-a3b")
-    assert [grp["count"] for grp in g.meta["layer_groups"]][-1] == 12  # every 4th layer is full attention
+    assert [grp.count for grp in g.meta.layer_groups][-1] == 12  # every 4th layer is full attention
     qkvz, count = _each(g, "linear_attn.in_proj_qkvz", "aten.mm")
     assert count == 36 and qkvz.outputs[0].shape[1].value == 2 * 16 * 128 + 2 * 32 * 128
     assert exprs(qkvz.outputs[0]) == [

@@ -87,7 +87,7 @@ def one(model_type: str, engine: bool) -> dict:
         return {**row, "status": "refused", "reason": str(e).split(": ", 2)[-1]}
     except Exception as e:  # noqa: BLE001 - a bug of Dooly's: reported in the table
         return {**row, "status": "failed", "reason": first_line(e)}
-    return {**row, "status": "compiled", "ops": len(graph.ops), "attention": graph.meta["attention"]}
+    return {**row, "status": "compiled", "ops": len(graph.ops), "attention": graph.meta.attention}
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..environment import MATH
+from ..ir.graph import When
 
 
 @dataclass(frozen=True)
@@ -27,13 +28,13 @@ class KernelCount:
 
     @staticmethod
     def of(graph, backend: str) -> KernelCount:
-        n = {"": 0.0, "request": 0.0, "K > T": 0.0, "K == T": 0.0}
+        n: dict[When | str, float] = {"": 0.0, "request": 0.0, When.PAST_KEYS: 0.0, When.NO_PAST_KEYS: 0.0}
         per_attention = attention_launches(backend)
         for op in graph.ops:
             if not op.scope.startswith(("engine.reset", "engine.attention_mask")):
                 launches = per_attention if op.name == "aten.scaled_dot_product_attention" else 1
                 n[op.when or ("request" if op.per == "request" else "")] += op.count * launches
-        return KernelCount(n[""], n["request"], n["K > T"], n["K == T"], len(attention_keys(graph)))
+        return KernelCount(n[""], n["request"], n[When.PAST_KEYS], n[When.NO_PAST_KEYS], len(attention_keys(graph)))
 
     def __call__(self, R, reads):
         return self.fixed + self.per_request * R + np.where(reads, self.reading, self.fresh)

@@ -175,10 +175,13 @@ def size_fields(config, reads: set[str]) -> dict[str, int]:
     alias = {stored: name for name, stored in getattr(config, "attribute_map", {}).items()}
     out = {}
     for attr, value in vars(config).items():
+        standard = alias.get(attr, attr)
         # the common name where the class stores a field under its own (GPT-2's n_embd): one field, one name
-        name = alias[attr] if attr in alias and attr not in SHAPE_FIELDS and alias[attr] in SHAPE_FIELDS else attr
-        read = attr in reads or alias.get(attr) in reads
-        if type(value) is int and not attr.startswith("_") and read and not NOT_SIZES.search(name):
+        name = standard if attr not in SHAPE_FIELDS and standard in SHAPE_FIELDS else attr
+        read = attr in reads or standard in reads
+        # judged by the standard name too: GPT-2's n_layer is the depth, which tracing cuts
+        sized = not NOT_SIZES.search(attr) and not NOT_SIZES.search(standard)
+        if type(value) is int and not attr.startswith("_") and read and sized:
             out[name] = value
     if "head_dim" in reads and getattr(config, "head_dim", None) is None:
         out["head_dim"] = config.hidden_size // config.num_attention_heads

@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..config import ModelConfig, first_line
 from ..errors import DoolyError
 from ..ir.expr import names, render, to_sympy
-from ..ir.graph import Graph, Op, map_dims
+from ..ir.graph import Graph, GraphMeta, Op, When, map_dims
 from ..transformers_engine import (
     ATTENTION,
     BLOCK_SIZE,
@@ -55,7 +55,6 @@ from .symbolic import SymbolTable
 # batch); the cache pool is a fixed size so that cache-reading ops of different models can share signatures.
 NUM_BLOCKS, MAX_BATCH_TOKENS = 512, 8192
 HINTS = {"T": 37, "R": 5, "K": 901, "Ks": 263, "q": 11, "k": 397}  # trace-time values; the IR does not use them
-MIX_CONDITIONS = ("K > T", "K == T")  # the engine reads the cache only when some request has past tokens
 ATTENTION_OPS = {"aten.scaled_dot_product_attention", "aten.bmm", "aten.matmul", "aten.mm", "aten.baddbmm"}
 KEY_SYMBOLS = {"K", "Ks"}
 
@@ -181,16 +180,17 @@ def _key(op: Op) -> tuple:
 
 
 def merge_variants(general: list[Op], no_past: list[Op]) -> list[Op]:
-    """One op list for both paths of the engine: ops only one path runs carry the condition of that path."""
+    """One op list for both paths of the engine: ops only one path runs carry the condition of that path (the
+    engine reads the cache only when some request has past tokens)."""
     flat = [_substitute(op, {"K": "T", "Ks": "T"}) for op in general]
     matcher = difflib.SequenceMatcher(None, [_key(o) for o in flat], [_key(o) for o in no_past], autojunk=False)
-    merged: list[tuple[Op, str, int | None, int | None]] = []  # op, path, index in general, index in no_past
+    merged: list[tuple[Op, When | None, int | None, int | None]] = []  # op, path, index in general, index in no_past
     for tag, a0, a1, b0, b1 in matcher.get_opcodes():
         if tag == "equal":
-            merged += [(general[a0 + i], "", a0 + i, b0 + i) for i in range(a1 - a0)]
+            merged += [(general[a0 + i], None, a0 + i, b0 + i) for i in range(a1 - a0)]
             continue
-        merged += [(general[i], MIX_CONDITIONS[0], i, None) for i in range(a0, a1)]
-        merged += [(no_past[i], MIX_CONDITIONS[1], None, i) for i in range(b0, b1)]
+        merged += [(general[i], When.PAST_KEYS, i, None) for i in range(a0, a1)]
+        merged += [(no_past[i], When.NO_PAST_KEYS, None, i) for i in range(b0, b1)]
     from_general = {a: i for i, (_, _, a, _) in enumerate(merged) if a is not None}
     from_no_past = {b: i for i, (_, _, _, b) in enumerate(merged) if b is not None}
     out = []
@@ -257,20 +257,19 @@ def _capture(cfg: ModelConfig, dtype: str) -> Capture:
     check_serving_step(step.ops, cfg.name, cfg.model_type)
     used = set(perturbed) | {n for op in step.ops for t in op.tensors() for d in t.dims() for n in names(d.expr)} | {
         n for op in step.ops for text in _sym_attrs(op.attrs) for n in names(text)}
-    meta = {
-        "architecture": (cfg.data.get("architectures") or [type(model).__name__])[0],
-        "model_type": cfg.model_type, "frontend": "transformers", "engine": ENGINE,
-        "engine_version": transformers.__version__, "attention": attention, "dtype": dtype, "tp": 1,
-        "config": {f: v for f, v in step.values.items() if f in used}, "concrete_fields": sorted(perturbed),
-        "request_symbols": sorted(HINTS),
-        "layers": cfg.num_layers, "layer_counts": {str(i): c for i, c in counts.items()},
+    meta = GraphMeta(
+        architecture=(cfg.data.get("architectures") or [type(model).__name__])[0],
+        model_type=cfg.model_type, frontend="transformers", engine=ENGINE,
+        engine_version=transformers.__version__, attention=attention, dtype=dtype, tp=1,
+        config={f: v for f, v in step.values.items() if f in used}, concrete_fields=tuple(sorted(perturbed)),
+        request_symbols=tuple(sorted(HINTS)), layers=cfg.num_layers, layer_counts=counts,
         # the engine reads through a window for the layers it groups as sliding (whatever the module says)
-        "sliding_window": config.sliding_window if any(
+        sliding_window=config.sliding_window if any(
             d.expr == "Ks" for op in step.ops for t in op.tensors() for d in t.shape) else None,
-        "engine_config": {"block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS, "max_batch_tokens": MAX_BATCH_TOKENS,
-                          "sampling": "greedy"},
-        "assumes": step.guards,
-    }
+        engine_config={"block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS, "max_batch_tokens": MAX_BATCH_TOKENS,
+                       "sampling": "greedy"},
+        assumes=tuple(step.guards),
+    )
     return Capture(Graph(cfg.name, meta, step.ops), perturbed)
 
 

@@ -51,7 +51,7 @@ from vllm.utils.platform_utils import is_pin_memory_available
 
 from ..config import ModelConfig, hf_config
 from ..errors import DoolyError
-from ..ir.graph import Graph, Op
+from ..ir.graph import Graph, GraphMeta, Op
 from .common import (
     DTYPES,
     EVEN_FIELDS,
@@ -405,14 +405,13 @@ def capture(cfg: ModelConfig, dtype: str = "bf16") -> Capture:
         raise DoolyError(f"{cfg.name}: a model cut to {n} layers is not the full model's first {n} layers")
     counts = layer_counts(kinds, n)
     step, perturbed = trace_with_fallback(lambda concrete: trace_step(cfg, n, dtype, concrete))
-    meta = {
-        "architecture": (cfg.data.get("architectures") or [cfg.model_type])[0],
-        "model_type": cfg.model_type, "frontend": "vllm", "engine": "vllm", "engine_version": vllm.__version__,
-        "attention": ATTENTION.name, "dtype": dtype, "tp": 1,
-        "config": step.values, "concrete_fields": sorted(perturbed), "request_symbols": sorted(HINTS),
-        "layers": cfg.num_layers, "layer_counts": {str(i): c for i, c in counts.items()},
-        "sliding_window": max(windows, default=None),
-        "engine_config": {"block_size": BLOCK_SIZE, "custom_ops": "none", "sampling": "greedy"},
-        "assumes": step.guards,
-    }
+    meta = GraphMeta(
+        architecture=(cfg.data.get("architectures") or [cfg.model_type])[0],
+        model_type=cfg.model_type, frontend="vllm", engine="vllm", engine_version=vllm.__version__,
+        attention=ATTENTION.name, dtype=dtype, tp=1,
+        config=step.values, concrete_fields=tuple(sorted(perturbed)), request_symbols=tuple(sorted(HINTS)),
+        layers=cfg.num_layers, layer_counts=counts, sliding_window=max(windows, default=None),
+        engine_config={"block_size": BLOCK_SIZE, "custom_ops": "none", "sampling": "greedy"},
+        assumes=tuple(step.guards),
+    )
     return Capture(Graph(cfg.name, meta, step.ops), perturbed)

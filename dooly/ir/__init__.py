@@ -1,7 +1,20 @@
 """Dooly's IR: op nodes with labelled dims, printable as text and JSON."""
 
-from .graph import DTYPES, IR_VERSION, KINDS, REQUEST_SYMBOLS, Dim, Graph, Op, TensorSpec, map_dims
+from .graph import (
+    DTYPES,
+    IR_VERSION,
+    KINDS,
+    REQUEST_SYMBOLS,
+    Dim,
+    Graph,
+    GraphMeta,
+    LayerGroup,
+    Op,
+    TensorSpec,
+    When,
+    map_dims,
+)
 from .text import dumps, loads
 
-__all__ = ["DTYPES", "IR_VERSION", "KINDS", "REQUEST_SYMBOLS", "Dim", "Graph", "Op", "TensorSpec", "dumps",
-           "loads", "map_dims"]
+__all__ = ["DTYPES", "IR_VERSION", "KINDS", "REQUEST_SYMBOLS", "Dim", "Graph", "GraphMeta", "LayerGroup", "Op",
+           "TensorSpec", "When", "dumps", "loads", "map_dims"]

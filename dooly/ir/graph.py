@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum
 from typing import Any
 
 from ..errors import DoolyError
 from .expr import ExprError, names
 
-IR_VERSION = 1
+IR_VERSION = 2  # 2: the meta is a GraphMeta, each field typed and required; 1: a free dict, read leniently
 KINDS = ("config", "request", "mix", "const")
 PERS = ("step", "request")
-CONDITIONS = ("K > T", "K == T")  # the only conditions the predictor knows: some request reads past keys, or none
 
 REQUEST_SYMBOLS = {
     "T": "query tokens of the step, all requests packed",
@@ -49,8 +50,25 @@ SCOPE = re.compile(r"((?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+|\*)(?:\.(?:[A-Za-z_][A-Za
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}")
 FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 ATTR_STRING = re.compile(r"[A-Za-z0-9_.:,+ -]{0,100}")  # "tanh", "contiguous_format", "bf16", "cuda:0"
+META_NAME = re.compile(r"[A-Za-z0-9_.|+-]{0,100}")  # "LlamaForCausalLM", "paged|sdpa", "transformers-cb", "5.17.0"
+GUARD = re.compile(r"[A-Za-z0-9_.,+*/%()<>=! -]{1,500}")  # a relation torch assumed of the symbols, as sympy prints it
+LAYER_INDEX = re.compile(r"0|[1-9][0-9]{0,5}")
+# a decoder layer in a scope, whatever the model calls their ModuleList (GPT-2's `transformer.h.3`), and one that
+# the collapse pass made stand for a layer group (`model.layers.*`)
+LAYER = re.compile(r"(^|\.)(layers|h|blocks|block|layer)\.(\d+)(?=\.|$)")
+COLLAPSED_LAYER = re.compile(r"(^|\.)(layers|h|blocks|block|layer)\.\*(?=\.|$)")
 INT_LIMIT = 2**63  # sizes, strides, counts and attribute integers are int64 for torch
 ATTR_DEPTH = 4
+
+
+class When(Enum):
+    """A condition on the step under which the engine runs an op at all, its value as the IR prints it."""
+
+    PAST_KEYS = "K > T"  # some request of the step reads keys cached by earlier steps
+    NO_PAST_KEYS = "K == T"  # every request is new: no past keys to read
+
+
+CONDITIONS = tuple(w.value for w in When)
 
 
 class IRError(DoolyError, ValueError):
@@ -135,7 +153,7 @@ class Op:
     scope: str = ""
     count: int = 1
     per: str = "step"  # "step": runs `count` times a step; "request": `count` times for each request
-    when: str = ""  # empty, or a condition on request symbols under which the engine runs this op
+    when: When | None = None  # None: the engine runs this op in every step
 
     def to_json(self) -> dict:
         d = {
@@ -145,22 +163,140 @@ class Op:
         }
         if self.per != "step":
             d["per"] = self.per
-        if self.when:
-            d["when"] = self.when
+        if self.when is not None:
+            d["when"] = self.when.value
         return d
 
     def tensors(self) -> tuple[TensorSpec, ...]:
         return self.inputs + self.outputs
 
 
+@dataclass(frozen=True)
+class LayerGroup:
+    """Traced decoder layers that run the same ops, collapsed into one, and the layers of the model they stand for."""
+
+    layers: tuple[int, ...]
+    count: int
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "layers": list(self.layers)}
+
+
+@dataclass(frozen=True)
+class GraphMeta:
+    """What the IR records about the step besides its ops: written by capture (most fields), collapse
+    (`layer_groups`) and shard (`tp`, `config`, `tp_plan`). Empty strings say a v1 IR did not record the field."""
+
+    architecture: str = ""  # the model class, as config.json names it
+    model_type: str = ""
+    frontend: str = ""  # the capture frontend
+    engine: str = ""  # the serving engine, as store environments name it
+    engine_version: str = ""
+    attention: str = ""  # the engine's attention implementation
+    dtype: str = ""
+    tp: int = 1  # tensor-parallel ranks: the ops are one rank's
+    config: dict[str, int] = field(default_factory=dict)  # the values of the config fields that dims read
+    concrete_fields: tuple[str, ...] = ()  # fields torch pinned to numbers while tracing, recovered by the taint pass
+    request_symbols: tuple[str, ...] = ()
+    layers: int = 1  # decoder layers of the model served
+    layer_counts: dict[int, int] = field(default_factory=dict)  # traced layer -> the model's layers it stands for
+    layer_groups: tuple[LayerGroup, ...] = ()  # empty until collapse
+    sliding_window: int | None = None  # the window the engine reads through for sliding-window layers
+    engine_config: dict[str, int | str] = field(default_factory=dict)  # the engine settings the step was traced with
+    assumes: tuple[str, ...] = ()  # relations torch assumed of the symbols while tracing
+    tp_plan: dict[str, str] = field(default_factory=dict)  # module pattern -> TP style; empty on one GPU
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            d[f.name] = list(value) if type(value) is tuple else dict(value) if type(value) is dict else value
+        d["layer_counts"] = {str(k): n for k, n in self.layer_counts.items()}
+        d["layer_groups"] = [g.to_json() for g in self.layer_groups]
+        if not self.tp_plan:  # only a sharded IR has one
+            del d["tp_plan"]
+        return d
+
+
+def _meta_name(v) -> bool:
+    return type(v) is str and META_NAME.fullmatch(v) is not None
+
+
+def _count(v) -> bool:
+    return is_int(v) and v > 0
+
+
+def _strings(pattern: re.Pattern) -> Callable[[Any], bool]:
+    return lambda v: type(v) is list and all(type(x) is str and pattern.fullmatch(x) for x in v)
+
+
+def _object(keys: re.Pattern, value: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: type(v) is dict and all(type(k) is str and keys.fullmatch(k) and value(x) for k, x in v.items())
+
+
+def _layer_groups(v) -> bool:
+    return type(v) is list and all(type(g) is dict and sorted(g) == ["count", "layers"] and _count(g["count"])
+                                   and type(g["layers"]) is list and g["layers"]
+                                   and all(is_int(x) and x >= 0 for x in g["layers"]) for g in v)
+
+
+# each GraphMeta field as JSON: (check, what it should be)
+META_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "architecture": (_meta_name, "a class name"),
+    "model_type": (_meta_name, "a model type"),
+    "frontend": (_meta_name, "a frontend name"),
+    "engine": (_meta_name, "an engine name"),
+    "engine_version": (_meta_name, "a version"),
+    "attention": (_meta_name, "an attention implementation"),
+    "dtype": (_meta_name, "a dtype"),
+    "tp": (_count, "a positive number of ranks"),
+    "config": (_object(FIELD, _count), "config field names with positive integer values"),
+    "concrete_fields": (_strings(FIELD), "a list of config field names"),
+    "request_symbols": (lambda v: type(v) is list and all(type(x) is str and x in REQUEST_SYMBOLS for x in v),
+                        f"request symbols of {', '.join(REQUEST_SYMBOLS)}"),
+    "layers": (_count, "a positive number of layers"),
+    "layer_counts": (_object(LAYER_INDEX, _count), "an object of layer index: positive count"),
+    "layer_groups": (_layer_groups, 'a list of {"count": positive count, "layers": [layer index, ...]}'),
+    "sliding_window": (lambda v: v is None or _count(v), "null or a window size"),
+    "engine_config": (_object(FIELD, lambda x: is_int(x) or _meta_name(x)), "an object of settings: numbers or names"),
+    "assumes": (_strings(GUARD), "a list of relations over symbols"),
+    "tp_plan": (_object(SCOPE, lambda x: type(x) is str and FIELD.fullmatch(x) is not None),
+                "an object of module: TP style"),
+}
+OPTIONAL_META = {"tp_plan"}
+
+
+def _typed(key: str, value):
+    """A checked JSON value as its GraphMeta field holds it."""
+    if key == "layer_counts":
+        return {int(k): n for k, n in value.items()}
+    if key == "layer_groups":
+        return tuple(LayerGroup(tuple(g["layers"]), g["count"]) for g in value)
+    return tuple(value) if type(value) is list else dict(value) if type(value) is dict else value
+
+
+def meta_from_json(d, version: int, path: str = "meta") -> GraphMeta:
+    """The GraphMeta of `GraphMeta.to_json`'s output, each field checked: IRError names the path of the first fault.
+    A version-1 meta was a free dict: a field it lacks takes its default, a key GraphMeta has not is left out."""
+    if type(d) is not dict:
+        raise IRError(f"{path}: expected an object")
+    for key in d:
+        if key not in META_FIELDS and version >= 2:
+            raise IRError(f"{path}.{key}: expected no such field (the meta's fields are {', '.join(META_FIELDS)})")
+    for key, (check, what) in META_FIELDS.items():
+        if key in d and not check(d[key]) or key not in d and version >= 2 and key not in OPTIONAL_META:
+            raise IRError(f"{path}.{key}: expected {what}")
+    return GraphMeta(**{k: _typed(k, v) for k, v in d.items() if k in META_FIELDS})
+
+
 @dataclass
 class Graph:
     model: str
-    meta: dict
+    meta: GraphMeta
     ops: list[Op]
 
     def to_json(self) -> dict:
-        return {"ir_version": IR_VERSION, "model": self.model, "meta": self.meta,
+        return {"ir_version": IR_VERSION, "model": self.model, "meta": self.meta.to_json(),
                 "ops": [op.to_json() for op in self.ops]}
 
     @staticmethod
@@ -172,11 +308,12 @@ class Graph:
         return json.dumps(self.to_json(), indent=1, sort_keys=True)
 
     def with_ops(self, ops: list[Op], **meta) -> Graph:
-        return Graph(self.model, {**self.meta, **meta}, ops)
+        """The graph with these ops, its meta with these fields changed."""
+        return Graph(self.model, replace(self.meta, **meta), ops)
 
     @property
     def config_values(self) -> dict[str, int]:
-        return dict(self.meta.get("config", {}))
+        return dict(self.meta.config)
 
 
 def map_dims(op: Op, fn) -> Op:
@@ -212,18 +349,13 @@ class _JsonReader:
         return d[key]
 
     def graph(self, d) -> Graph:
-        version = self.get(d, "ir_version", "", is_int, "an IR version number", IR_VERSION)
+        version = self.get(d, "ir_version", "", lambda v: is_int(v) and v > 0, "an IR version number", IR_VERSION)
         if version > IR_VERSION:
             raise IRError(f"IR version {version} is newer than this Dooly reads ({IR_VERSION})")
         model = self.get(d, "model", "", lambda v: type(v) is str and MODEL_NAME.fullmatch(v), "a model name "
                          "(letters, digits and _.+-)", required=True)
-        meta = dict(self.get(d, "meta", "", lambda v: type(v) is dict, "an object", {}))
-        self.config = self.get(meta, "config", "meta", lambda v: type(v) is dict and all(
-            type(k) is str and FIELD.fullmatch(k) and is_int(x) and x > 0 for k, x in v.items()),
-            "config field names with positive integer values", {})
-        self.request = frozenset(self.get(meta, "request_symbols", "meta", lambda v: type(v) is list and all(
-            type(x) is str and x in REQUEST_SYMBOLS for x in v), f"request symbols of {', '.join(REQUEST_SYMBOLS)}",
-            []))
+        meta = meta_from_json(self.get(d, "meta", "", lambda v: type(v) is dict, "an object", {}), version)
+        self.config, self.request = meta.config, frozenset(meta.request_symbols)
         ops = self.get(d, "ops", "", lambda v: type(v) is list, "a list of ops", required=True)
         return Graph(model, meta, [self.op(o, i) for i, o in enumerate(ops)])
 
@@ -246,8 +378,12 @@ class _JsonReader:
                            "a module scope (dotted names, digits or *)", ""),
                   self.get(d, "count", path, lambda v: is_int(v) and v > 0, "a positive count", 1),
                   self.get(d, "per", path, lambda v: v in PERS, f"one of {', '.join(PERS)}", "step"),
-                  self.get(d, "when", path, lambda v: v == "" or v in CONDITIONS,
-                           f"a condition ({' or '.join(CONDITIONS)})", ""))
+                  self.when(d, path))
+
+    def when(self, d, path: str) -> When | None:
+        text = self.get(d, "when", path, lambda v: v in CONDITIONS,
+                        f"a condition ({' or '.join(CONDITIONS)})")
+        return None if text is None else When(text)
 
     def tensor(self, d, path: str, index: int) -> TensorSpec:
         dtype = self.get(d, "dtype", path, lambda v: v in DTYPES.values(), f"a dtype ({', '.join(DTYPES.values())})",

@@ -1,6 +1,6 @@
 """The IR as readable text, and back.
 
-    ir 1
+    ir 2
     model llama-3.1-8b
     meta {"architecture": "LlamaForCausalLM", ...}
     config head_dim=128 hidden_size=4096 ...
@@ -12,7 +12,8 @@
 `hidden_size=4096` a config dim, `T*num_attention_heads` a mix dim, `1` a const. `%6:` names the op that made
 an input; `{...}` after a shape gives its strides when the tensor is not contiguous; a JSON object after the
 inputs holds the op's scalar attributes; `per-request` marks ops the engine runs once per request, `when ...` the
-condition under which it runs them at all. Lines starting with `#` are comments.
+condition under which it runs them at all. Lines starting with `#` are comments. The `meta` line holds the graph's
+`GraphMeta` as JSON, less its config values and request symbols, which have their own lines.
 
 Reading checks every part against the IR's grammar (dtypes from a fixed table, op names, scopes, dim expressions,
 attribute values): a line that breaks it is an IRError naming its line and column, whatever else the file holds.
@@ -38,10 +39,14 @@ from .graph import (
     IRError,
     Op,
     TensorSpec,
+    When,
     attr_problem,
     dim_kind,
     is_int,
+    meta_from_json,
 )
+
+OWN_LINES = ("config", "request_symbols")  # meta fields the text form writes on lines of their own
 
 
 def format_dim(d: Dim) -> str:
@@ -62,17 +67,17 @@ def format_op(i: int, op: Op) -> str:
     line = f"%{i} = {op.name}({', '.join(map(format_tensor, op.inputs))}){attrs} -> {outs} @{op.scope} x{op.count}"
     if op.per != "step":
         line += f" per-{op.per}"
-    if op.when:
-        line += f" when {op.when}"
+    if op.when is not None:
+        line += f" when {op.when.value}"
     return line
 
 
 def dumps(g: Graph, header: str = "") -> str:
     lines = [f"# {row}" for row in header.splitlines()]
-    meta = {k: v for k, v in g.meta.items() if k not in ("config", "request_symbols")}
+    meta = {k: v for k, v in g.meta.to_json().items() if k not in OWN_LINES}
     lines += [f"ir {IR_VERSION}", f"model {g.model}", f"meta {json.dumps(meta, sort_keys=True)}"]
     lines.append("config " + " ".join(f"{k}={v}" for k, v in sorted(g.config_values.items())))
-    lines.append("request " + " ".join(sorted(g.meta.get("request_symbols", []))))
+    lines.append("request " + " ".join(sorted(g.meta.request_symbols)))
     lines += [format_op(i, op) for i, op in enumerate(g.ops)]
     return "\n".join(lines) + "\n"
 
@@ -243,28 +248,30 @@ def _op(cur: _Cursor, config, request, index: int) -> Op:
     count = cur.integer()
     if count == 0:
         cur.fail("a positive count", cur.pos - 1)
-    per, when = "step", ""
+    per, when = "step", None
     if cur.peek(" per-"):
         cur.eat(" per-")
         per = cur.word(" ", lambda t: t in PERS, f"one of {', '.join(PERS)} after 'per-'")
     if cur.peek(" when "):
         cur.eat(" when ")
-        when = cur.text[cur.pos:]
-        if when not in CONDITIONS:
+        if cur.text[cur.pos:] not in CONDITIONS:
             cur.fail(f"a condition ({' or '.join(CONDITIONS)})")
-        cur.pos = len(cur.text)
+        when, cur.pos = When(cur.text[cur.pos:]), len(cur.text)
     if cur.pos != len(cur.text):
         cur.fail("end of line")
     return Op(name, inputs, outputs, attrs, scope, count, per, when)
 
 
-def _version(cur: _Cursor) -> None:
+def _version(cur: _Cursor) -> int:
     cur.pos = len("ir ")
     version = cur.integer()
     if cur.pos != len(cur.text):
         cur.fail("end of line")
+    if version == 0:
+        cur.fail("an IR version from 1", len("ir "))
     if version > IR_VERSION:
         raise ParseError(f"line {cur.lineno}: IR version {version} is newer than this Dooly reads ({IR_VERSION})")
+    return version
 
 
 def _meta(cur: _Cursor) -> dict:
@@ -277,6 +284,8 @@ def _meta(cur: _Cursor) -> dict:
         cur.fail("a JSON object of plain values")
     if type(meta) is not dict:
         cur.fail("a JSON object")
+    if any(key in meta for key in OWN_LINES):
+        cur.fail("a JSON object without config or request_symbols (they have lines of their own)")
     return meta
 
 
@@ -303,19 +312,20 @@ def _request(cur: _Cursor) -> frozenset[str]:
 
 def loads(text: str) -> Graph:
     """The graph of an IR text; ParseError (an IRError) names the line and column of the first fault."""
-    model, meta, config, request, ops = None, {}, {}, frozenset(), []
+    model, meta, config, request, ops = None, None, {}, frozenset(), []
+    version, meta_line = IR_VERSION, 0  # a text without its version line is read as the current version
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         head = line.partition(" ")[0]
         cur = _Cursor(line, lineno)
         if head == "ir":
-            _version(cur)
+            version = _version(cur)
         elif head == "model":
             cur.pos = len("model ")
             model = cur.word("", MODEL_NAME.fullmatch, "a model name (letters, digits and _.+-)")
         elif head == "meta":
-            meta = _meta(cur)
+            meta, meta_line = _meta(cur), lineno
         elif head == "config":
             config = _config(cur)
         elif head == "request":
@@ -326,4 +336,10 @@ def loads(text: str) -> Graph:
             raise ParseError(f"line {lineno}: unknown line {cur.text[:SHOWN]!r}")
     if model is None:
         raise ParseError("no 'model' line")
-    return Graph(model, {**meta, "config": config, "request_symbols": sorted(request)}, ops)
+    if meta is None and version >= 2:
+        raise ParseError("no 'meta' line")
+    try:
+        typed = meta_from_json({**(meta or {}), "config": config, "request_symbols": sorted(request)}, version)
+    except IRError as e:
+        raise ParseError(f"line {meta_line}: {e}") from None
+    return Graph(model, typed, ops)

@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 
 from ..ir.expr import names, render, simplify, to_sympy
-from ..ir.graph import Dim, Graph, Op, TensorSpec
+from ..ir.graph import Dim, Graph, Op, TensorSpec, When
 
 POINTWISE = {
     "aten.mul.Tensor", "aten.add.Tensor", "aten.sub.Tensor", "aten.div.Tensor", "aten._to_copy", "aten.clone",
@@ -84,7 +84,7 @@ class Use:
     binding: dict[str, str]  # axis -> expression over the IR's request symbols
     count: int
     per: str
-    when: str
+    when: When | None
 
 
 def family(name: str) -> str:

@@ -3,19 +3,15 @@
 Two layers are identical when they run the same ops on the same dims with the same attributes, reading the same
 positions inside the layer. Layers that differ (sliding-window vs full attention, dense vs MoE) stay apart. A layer
 traced once on behalf of many (capture traces one layer of each kind) brings its multiplicity from
-`meta["layer_counts"]`.
+`meta.layer_counts`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import replace
 
-from ..ir.graph import Graph, Op
-
-# the decoder layers' ModuleList, whatever the model calls it (GPT-2's `transformer.h.3`)
-LAYER = re.compile(r"(^|\.)(layers|h|blocks|block|layer)\.(\d+)(?=\.|$)")
+from ..ir.graph import LAYER, Graph, LayerGroup, Op
 
 
 def layer_of(op: Op) -> int | None:
@@ -40,7 +36,7 @@ def _layer_key(ops: list[Op], start: int) -> tuple:
 
 
 def collapse(graph: Graph) -> Graph:
-    multiplicity = {int(k): v for k, v in graph.meta.get("layer_counts", {}).items()}
+    multiplicity = graph.meta.layer_counts
     runs: dict[int, list[int]] = {}  # layer -> indices of its ops
     for i, op in enumerate(graph.ops):
         layer = layer_of(op)
@@ -76,6 +72,6 @@ def collapse(graph: Graph) -> Graph:
 
     fix = lambda t: t if t.src is None else replace(t, src=new_index[t.src])  # noqa: E731
     out = [replace(op, inputs=tuple(map(fix, op.inputs))) for op in out]
-    layer_groups = [{"layers": sorted(lyr for lyr, r in same_as.items() if r == rep), "count": n}
-                    for rep, n in keep.items()]
+    layer_groups = tuple(LayerGroup(tuple(sorted(lyr for lyr, r in same_as.items() if r == rep)), n)
+                         for rep, n in keep.items())
     return graph.with_ops(out, layer_groups=layer_groups)

@@ -152,7 +152,7 @@ def piece_uses(graph: Graph, backend: str, exact: bool = False) -> list[Use]:
     (`exact`: their exact signatures, as a per-model profiler keeps them)."""
     cut = pieces(graph, backend)
     inside = {i for p in cut for i in p.ops}
-    out = [Use(p.ops[0], p.signature, {"M": "T"}, p.count, "step", "") for p in cut]
+    out = [Use(p.ops[0], p.signature, {"M": "T"}, p.count, "step", None) for p in cut]
     return out + [u for u in uses(graph, backend, exact) if u.op_index not in inside]
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from ..bench.kernels import KernelCount, attention_keys
 from ..errors import DoolyError
 from ..ir.expr import evaluator, names
-from ..ir.graph import Graph
+from ..ir.graph import Graph, When
 from ..limits import Limits
 from ..passes.canonicalize import Signature, uses
 from .host import HostModel
@@ -103,8 +103,8 @@ class Predictor:
     def __init__(self, graph: Graph, ops: OpModel, host: HostModel | None, backend: str, layers: int | None = None):
         """`layers`: predict the model cut to this many decoder layers (how too-big models are validated)."""
         self.graph, self.ops, self.host = graph, ops, host
-        scale = 1.0 if layers is None else layers / graph.meta["layers"]
-        self.window = graph.meta.get("sliding_window") or 0
+        scale = 1.0 if layers is None else layers / graph.meta.layers
+        self.window = graph.meta.sliding_window or 0
         groups: dict[tuple, list] = {}
         terms: dict[tuple, list] = {}
         for u in uses(graph, backend):
@@ -154,7 +154,7 @@ class Predictor:
             if per == "request" and batch is not None:
                 us = np.bincount(batch, weights=us, minlength=n)
             if reads is not None and when:
-                us = us * (reads if when == "K > T" else ~reads)
+                us = us * (reads if when is When.PAST_KEYS else ~reads)
             gpu += count * us
             if ops is not None:
                 ops += [(name, scope, n, n * us) for (name, scope), n in sites.items()]
@@ -192,7 +192,7 @@ class Predictor:
         reads = values["K"] > values["T"]
         gpu = 0.0
         for per, when, needs, members, memo in self.terms:
-            if (when == "K > T" and not reads) or (when == "K == T" and reads):
+            if (when is When.PAST_KEYS and not reads) or (when is When.NO_PAST_KEYS and reads):
                 continue
             rows = batch if per == "request" else [tuple(values[s] for s in needs)]
             missing = {r for r in rows if r not in memo}
@@ -236,8 +236,8 @@ def load_predictor(graph: Graph, store, env: str, layers: int | None = None) -> 
     from .opmodel import load_or_fit
 
     _, environment = store.environment(env)
-    if graph.meta.get("engine") not in (None, environment.engine):
-        raise DoolyError(f"{graph.model} was captured for {graph.meta.get('engine')}, the environment {env} "
+    if graph.meta.engine not in ("", environment.engine):  # "": an IR that did not record its engine
+        raise DoolyError(f"{graph.model} was captured for {graph.meta.engine}, the environment {env} "
                          f"measured {environment.engine}")
     ops, _ = load_or_fit(store, env)
     try:

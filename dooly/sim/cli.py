@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is not None:
         warn_beyond_context(requests, cfg)
     store = Store(args.store, readonly=True)
-    vllm_ir = graph.meta.get("engine") == "vllm"
+    vllm_ir = graph.meta.engine == "vllm"
     if vllm_ir:  # vLLM's compiled step, piece by piece, under its own scheduler
         from ..predict.vllm_step import step_model, vllm_environment
 

@@ -70,7 +70,7 @@ def role(scope: str, name: str) -> str | None:
 
 
 def model_fields(graph) -> dict:
-    c = graph.meta["config"]
+    c = graph.meta.config
     if "num_local_experts" in c or "num_experts" in c:
         raise DoolyError(f"{graph.model} is a mixture-of-experts model: Vidur's profile layout has no expert ops")
     gated = any(op.scope.endswith(("mlp.gate_proj", "mlp.gate_up_proj")) for op in graph.ops)
@@ -108,7 +108,7 @@ def _times(op: str, ms: float) -> dict:
 
 def export(graph, predictor, out: Path, block_size: int = 256) -> dict:
     """Write mlp.csv and attention.csv for `graph` into `out`; returns what was written and left out."""
-    layers = graph.meta["layers"]
+    layers = graph.meta.layers
     fields = model_fields(graph)
     out.mkdir(parents=True, exist_ok=True)
     p = predictor.predict([[(n, n)] for n in TOKENS])
