@@ -39,6 +39,10 @@ MATH = BACKENDS["sdpa-math"].attention  # torch's decomposition: several kernels
 VLLM_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER")  # vLLM's attention backends its harness runs
 VLLM_MODES = {False: "vllm", True: "vllm-eager"}  # the engine field: compiled (default) and eager are apart in a store
 CAPTURE_SIZES = (1, 2, 4, *range(8, 257, 8))  # vLLM 0.24's default cudagraph_capture_sizes on the H200
+# vLLM 0.24 runs these on its V2 model runner and every other architecture on the V1 one, whose host work per step
+# differs (`DEFAULT_V2_MODEL_RUNNER_ARCHITECTURES`)
+VLLM_V2_RUNNER_ARCHITECTURES = frozenset({"Qwen3ForCausalLM", "DeepseekV2ForCausalLM", "Qwen2MoeForCausalLM",
+                                          "GraniteMoeForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"})
 GPU_BYTES = {"NVIDIA H100 80GB HBM3": 81559 * 2**20, "NVIDIA H200": 143771 * 2**20}  # nvidia-smi's totals
 
 
@@ -110,6 +114,11 @@ def detect(backend: Backend, dtype: str = "bf16") -> Environment:
                        cuda=str(torch.version.cuda), torch=torch.__version__, triton=triton.__version__,
                        engine=ENGINE, engine_version=transformers.__version__, dtype=dtype,
                        kv_cache_dtype=dtype, block_size=BLOCK_SIZE, attention_backend=backend.attention, extra=clocks)
+
+
+def vllm_model_runner(architecture: str) -> str:
+    """The model runner vLLM 0.24 serves an architecture with: "v2" or "v1"."""
+    return "v2" if architecture in VLLM_V2_RUNNER_ARCHITECTURES else "v1"
 
 
 def vllm_environment_name(gpu: str, torch_version: str, eager: bool, engine_version: str, backend: str) -> str:

@@ -93,6 +93,7 @@ def _prompt_tokens(requests, shared: int) -> dict[int, list[int]]:
 def validate_vllm_model(truth: dict, graph, store, log=print, max_steps: int = 10**6):
     """The errors of predicting one model's vLLM ground truth (`graph`, its vLLM IR) from the store; None (said in
     the log) where the store lacks what its environment runs."""
+    from .environment import vllm_model_runner
     from .predict.vllm_step import step_model
     from .sim.schedulers import VLLMv1
     from .sim.simulator import seen_when_read, simulate
@@ -109,6 +110,10 @@ def validate_vllm_model(truth: dict, graph, store, log=print, max_steps: int = 1
     except DoolyError as e:
         log(f"  {name} vllm {backend}: skipped, {e}")
         return None
+    runner = vllm_model_runner(graph.meta.architecture)
+    if model.host_runner != runner:
+        log(f"  {name} vllm {backend}: runs on vLLM's {runner} model runner, its host costs are the "
+            f"{model.host_runner} runner's (calibrate --runner {runner} measures its own)")
     _, measured, spread, pred = steps_of(truth, lambda: _StepTime(model))
     step_errors = np.abs(pred - measured) / measured if len(measured) else np.array([])
     config = truth["engine_config"]

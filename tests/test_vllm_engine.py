@@ -112,3 +112,30 @@ def test_a_malformed_calibration_file_is_one_error_line_and_exit_code_2(tmp_path
     assert main(["record", str(tmp_path / "raw.json"), "--store", str(tmp_path / "s.sqlite")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "calibration file" in err[0]
+
+
+def test_a_v1_runner_calibration_is_kept_apart_from_the_v2_one(tmp_path):
+    import shutil
+
+    from dooly.bench.vllm_engine import record_calibration
+    from dooly.errors import DoolyError
+    from dooly.store import Store
+
+    store_path = tmp_path / "h200.sqlite"
+    shutil.copy(ROOT / "data" / "h200.sqlite", store_path)
+    raw = json.loads(CALIBRATION[0].read_text())
+    (tmp_path / "v1-16.json").write_text(json.dumps({**raw, "runner": "v1"}))
+    store = Store(store_path)
+    env = next(e.name for e in store.environments() if e.attention_backend == "FLASH_ATTN")
+    before = {(r["phase"], json.dumps(r["point"])): r["median_us"] for r in store.host(env)}
+    store.close()
+    record_calibration(store_path, tmp_path / "v1-16.json")
+    store = Store(store_path)
+    after = {(r["phase"], json.dumps(r["point"])): r["median_us"] for r in store.host(env)}
+    store.close()
+    added = {k: v for k, v in after.items() if k not in before}
+    assert added and all(json.loads(point)["runner"] == 1 for _, point in added)
+    assert {k: after[k] for k in before} == before  # the V2 rows stay as they were
+    (tmp_path / "bad.json").write_text(json.dumps({**raw, "runner": "v3"}))
+    with pytest.raises(DoolyError, match="a runner"):
+        record_calibration(store_path, tmp_path / "bad.json")

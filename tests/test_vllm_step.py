@@ -122,3 +122,25 @@ def test_a_decode_steps_floor_is_the_hosts_cycle_and_a_prefills_the_gpu_span(sto
     assert rows["vllm-cycle", 8, 8] > rows["vllm-step", 8, 8]
     assert model.host_us([(1, 100)] * 8) == pytest.approx(rows["vllm-cycle", 8, 8])
     assert model.host_us([(256, 256)]) == pytest.approx(rows["vllm-step", 256, 1])
+
+
+def test_host_costs_are_taken_from_the_model_runner_vllm_serves_the_architecture_on(tmp_path):
+    from dooly.environment import vllm_model_runner
+
+    path = tmp_path / "s.sqlite"
+    shutil.copy(STORE, path)
+    s = Store(path)
+    env = next(e.name for e in s.environments() if e.engine == "vllm" and e.attention_backend == "FLASH_ATTN")
+    v2 = step_model(load_model(IR / "phi-3-mini.ir"), s, "FLASH_ATTN")
+    for row in s.host(env):  # a V1-runner calibration, twice the V2 one
+        s.record_host(env, row["phase"], {**row["point"], "runner": 1}, 2 * row["median_us"], 2 * row["p90_us"],
+                      row["repetitions"])
+    phi = step_model(load_model(IR / "phi-3-mini.ir"), s, "FLASH_ATTN")
+    llama = step_model(load_model(IR / "llama-2-7b.ir"), s, "FLASH_ATTN")
+    s.close()
+    assert vllm_model_runner("Phi3ForCausalLM") == "v1" and vllm_model_runner("LlamaForCausalLM") == "v2"
+    assert v2.host_runner == "v2" and phi.host_runner == "v1" and llama.host_runner == "v2"
+    prefill = [(200, 200)]
+    assert phi.host_us(prefill) == pytest.approx(2 * v2.host_us(prefill))
+    assert phi.launch_us(200, 1) == pytest.approx(2 * v2.launch_us(200, 1))
+    assert phi.admit_us(8) == pytest.approx(2 * v2.admit_us(8))

@@ -261,7 +261,7 @@ def check() -> None:
 
 CALIBRATION_R = (1, 2, 4, 8, 16, 32, 64, 128)
 CALIBRATION_PROMPTS = (16, 64, 256, 512, 1024, 2048)
-CALIBRATION_LAYERS = (2, 16, 32)
+CALIBRATION_LAYERS = (16, 32)  # every vLLM model of the zoo has 16 layers or more
 IDLE_S = 0.05  # a request arriving at an engine idle this long: nothing on the GPU to hide the host's launches
 REPEATS = 5
 
@@ -276,21 +276,24 @@ def calibration_runs() -> list[list[tuple[float, int, int]]]:
     return runs
 
 
-def calibrate(store_path: Path, backend: str, eager: bool, depths: tuple[int, ...], raw: Path) -> None:
+def calibrate(store_path: Path, backend: str, eager: bool, depths: tuple[int, ...], raw: Path,
+              runner: str = "v2") -> None:
     """The engine's own cost per step, apart from any model: a tiny model (`TINY`, whose forward takes microseconds)
-    at each depth, serving `calibration_runs()`, every step kept in `raw/<depth>.json` and recorded into the store
+    at each depth, on the model runner given (vLLM serves some architectures on its V1 runner, whose host work
+    differs), serving `calibration_runs()`, every step kept in `raw/[v1-]<depth>.json` and recorded into the store
     (`record_calibration`). One process a depth: a closed engine does not give its GPU memory back."""
     raw.mkdir(parents=True, exist_ok=True)
     if len(depths) > 1:
         for layers in depths:
             subprocess.run([sys.executable, "-m", "dooly.bench.vllm_engine", "calibrate", "--store", str(store_path),
                             "--backend", backend, *(["--eager"] if eager else []), "--layers", str(layers),
-                            "--raw", str(raw)], check=True)
+                            "--raw", str(raw), "--runner", runner], check=True)
         return
     (layers,) = depths
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if runner == "v2" else "0"
     engine = VllmEngine({**TINY, "num_hidden_layers": layers}, backend=backend, eager=eager, prefix_caching=False,
                         max_model_len=4096)
-    runs = []
+    runs, ran_on = [], engine.resolved_config()["model_runner"]
     try:
         engine.run([(0.0, 64, 8)] * 4)  # warm-up
         for requests in calibration_runs():
@@ -298,8 +301,9 @@ def calibrate(store_path: Path, backend: str, eager: bool, depths: tuple[int, ..
             runs.append({"requests": requests, "steps": [asdict(s) for s in steps]})
     finally:
         engine.close()
-    path = raw / f"{layers}.json"
-    path.write_text(json.dumps({"environment": environment(backend, eager), "layers": layers, "runs": runs}))
+    path = raw / f"{'' if ran_on == 'v2' else ran_on + '-'}{layers}.json"
+    path.write_text(json.dumps({"environment": environment(backend, eager), "layers": layers, "runner": ran_on,
+                                "runs": runs}))
     record_calibration(store_path, path)
 
 
@@ -316,7 +320,8 @@ def _calibration_file(path: Path) -> dict:
     env = data.get("environment") if isinstance(data, dict) else None
     ok = (isinstance(env, dict) and all(isinstance(env.get(k), str) for k in
                                         ("gpu", "torch", "engine_version", "attention_backend", "mode"))
-          and count(data.get("layers")) and isinstance(data.get("runs"), list)
+          and count(data.get("layers")) and data.get("runner", "v2") in ("v1", "v2")
+          and isinstance(data.get("runs"), list)
           and all(isinstance(run, dict) and isinstance(run.get("steps"), list) and all(
               isinstance(st, dict) and isinstance(st.get("queries"), list) and st["queries"]
               and all(map(count, st["queries"])) and number(st.get("forward_s")) and number(st.get("host_s"))
@@ -326,8 +331,8 @@ def _calibration_file(path: Path) -> dict:
               for q in run["requests"]) for run in data["runs"]))
     if not ok:
         raise DoolyError(f"{path}: a calibration file holds environment (gpu, torch, engine_version, "
-                         "attention_backend, mode), layers and runs of requests (arrival, prompt, output) and of "
-                         "steps (queries, forward_s, host_s, start)")
+                         "attention_backend, mode), layers, a runner (v1 or v2) and runs of requests (arrival, "
+                         "prompt, output) and of steps (queries, forward_s, host_s, start)")
     return data
 
 
@@ -349,6 +354,7 @@ def record_calibration(store_path: Path, path: Path) -> None:
 
     data = _calibration_file(path)
     env_info, layers = data["environment"], data["layers"]
+    where = {"layers": layers, **({"runner": 1} if data.get("runner") == "v1" else {})}  # V2 rows name none
     samples: dict[tuple[int, int], dict[str, list[float]]] = {}
     admitted: dict[tuple[int, int], list[float]] = {}
     for run in data["runs"]:
@@ -370,7 +376,7 @@ def record_calibration(store_path: Path, path: Path) -> None:
         if name not in {e.name for e in store.environments()}:
             raise DoolyError(f"{store_path}: no environment {name} (calibrate where it was profiled)")
         for (t, r), spans in sorted(samples.items()):
-            point = {"T": t, "R": r, "layers": layers}
+            point = {"T": t, "R": r, **where}
             medians = {}
             for phase, values in spans.items():
                 if len(values) < 3:
@@ -385,7 +391,7 @@ def record_calibration(store_path: Path, path: Path) -> None:
                       f"{medians['vllm-launch']:8.0f} us{cycle} over {len(spans['vllm-step'])} steps", flush=True)
         for (t, r), values in sorted(admitted.items()):
             values = sorted(values)
-            store.record_host(name, "vllm-admit", {"T": t, "R": r, "layers": layers}, statistics.median(values),
+            store.record_host(name, "vllm-admit", {"T": t, "R": r, **where}, statistics.median(values),
                               values[min(len(values) - 1, int(0.9 * len(values)))], len(values))
     finally:
         store.close()  # a WAL store is whole in its one file only once its last connection has closed
@@ -483,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--backend", default="FLASH_ATTN", choices=BACKENDS)
     c.add_argument("--eager", action="store_true")
     c.add_argument("--layers", nargs="+", type=int, default=list(CALIBRATION_LAYERS), help="the tiny model's depths")
+    c.add_argument("--runner", choices=["v2", "v1"], default="v2", help="vLLM's model runner to calibrate")
     c.add_argument("--raw", type=Path, help="folder for every calibration step, one JSON file a depth (default "
                    "data/host/vllm-calibration/<backend>[-eager])")
     r = sub.add_parser("record", help="record calibration steps kept by calibrate into a store")
@@ -502,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         check()
     elif args.command == "calibrate":
         raw = args.raw or Path("data/host/vllm-calibration") / f"{args.backend.lower()}{'-eager' if args.eager else ''}"
-        calibrate(args.store, args.backend, args.eager, tuple(args.layers), raw)
+        calibrate(args.store, args.backend, args.eager, tuple(args.layers), raw, args.runner)
     elif args.command == "record":
         for path in args.raw:
             record_calibration(args.store, path)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..environment import CAPTURE_SIZES
+from ..environment import CAPTURE_SIZES, vllm_model_runner
 from ..errors import DoolyError
 from ..ir.expr import evaluate
 from ..ir.graph import Graph
@@ -125,6 +125,7 @@ class StepModel:
     layers: int
     launch: dict[int, HostFloor] = field(default_factory=dict)  # the host's span from execute_model to sampled
     admit: dict[int, Curve] = field(default_factory=dict)  # requests arriving together to their first step
+    host_runner: str = "v2"  # the model runner the host costs were calibrated on
 
     def gpu_us(self, batch: list[tuple[int, int]]) -> float:
         t, r = sum(q for q, _ in batch), len(batch)
@@ -216,8 +217,15 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
     launches: dict[int, dict[str, list]] = {}
     cycles: dict[int, list] = {}
     admits: dict[int, dict[int, list]] = {}
-    for row in store.host(env):
+    rows = store.host(env)
+    calibrated_on = lambda row: f"v{row['point'].get('runner', 2)}"  # noqa: E731 - V2 rows name no runner
+    runner = vllm_model_runner(graph.meta.architecture)
+    if not any(calibrated_on(row) == runner for row in rows):
+        runner = "v2"  # the runner calibrated first; `dooly validate` says where a model's own is missing
+    for row in rows:
         point = row["point"]
+        if calibrated_on(row) != runner:
+            continue
         t, r = point["T"], point["R"]
         depth = point.get("layers", CALIBRATION_DEPTH)
         kind = "decode" if t == r else "prefill" if r == 1 else "mixed"
@@ -234,4 +242,4 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
     by_depth = lambda rows: {depth: HostFloor(curve(k.get("decode")), curve(k.get("prefill")),  # noqa: E731
                                               curve(k.get("mixed"))) for depth, k in rows.items()}
     admit = {depth: Curve(*zip(*sorted((r, min(v)[1]) for r, v in by_r.items()))) for depth, by_r in admits.items()}
-    return StepModel(terms, by_depth(floors), graph.meta.layers, by_depth(launches), admit)
+    return StepModel(terms, by_depth(floors), graph.meta.layers, by_depth(launches), admit, runner)
