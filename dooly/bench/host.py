@@ -86,9 +86,7 @@ def calibrate(store, env_name: str, device: str = "cuda", budget_s: float = 120.
         for (R, T, K), phases in samples.items():
             point = {"model": list(SYNTHETIC).index(name), "layers": layers, "R": R, "T": T, "K": K}
             for phase, values in phases.items():
-                values.sort()
-                store.record_host(env_name, phase, point, statistics.median(values),
-                                  values[min(len(values) - 1, int(0.9 * len(values)))], len(values))
+                store.record_host_samples(env_name, phase, point, values)
                 rows += 1
         log(f"host calibration: {name} x{layers} layers, {len(samples)} batch compositions")
         del engine

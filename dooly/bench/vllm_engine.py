@@ -346,7 +346,6 @@ def record_calibration(store_path: Path, path: Path) -> None:
     output processing, which is how often a host-bound engine steps); and, for requests that arrived together at an
     idle engine, the time to their first step (phase `vllm-admit`, by requests and prompt tokens: input processing
     of each request before it can be scheduled)."""
-    import statistics
 
     from ..environment import vllm_environment_name
     from ..errors import DoolyError
@@ -377,22 +376,14 @@ def record_calibration(store_path: Path, path: Path) -> None:
             raise DoolyError(f"{store_path}: no environment {name} (calibrate where it was profiled)")
         for (t, r), spans in sorted(samples.items()):
             point = {"T": t, "R": r, **where}
-            medians = {}
-            for phase, values in spans.items():
-                if len(values) < 3:
-                    continue
-                values = sorted(values)
-                medians[phase] = statistics.median(values)
-                store.record_host(name, phase, point, medians[phase], values[min(len(values) - 1,
-                                                                               int(0.9 * len(values)))], len(values))
+            medians = {phase: store.record_host_samples(name, phase, point, values)
+                       for phase, values in spans.items() if len(values) >= 3}
             if "vllm-step" in medians:
                 cycle = f", cycle {medians['vllm-cycle']:8.0f} us" if "vllm-cycle" in medians else ""
                 print(f"  layers={layers:2d} T={t:5d} R={r:3d}: GPU span {medians['vllm-step']:8.0f} us, host "
                       f"{medians['vllm-launch']:8.0f} us{cycle} over {len(spans['vllm-step'])} steps", flush=True)
         for (t, r), values in sorted(admitted.items()):
-            values = sorted(values)
-            store.record_host(name, "vllm-admit", {"T": t, "R": r, **where}, statistics.median(values),
-                              values[min(len(values) - 1, int(0.9 * len(values)))], len(values))
+            store.record_host_samples(name, "vllm-admit", {"T": t, "R": r, **where}, values)
     finally:
         store.close()  # a WAL store is whole in its one file only once its last connection has closed
 

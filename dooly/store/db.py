@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -371,6 +372,14 @@ class Store:
         with self.transaction():
             self.db.execute("INSERT OR REPLACE INTO host_overhead VALUES (?,?,?,?,?,?,?)",
                             (env_id, phase, point_key(point), median_us, p90_us, repetitions, now()))
+
+    def record_host_samples(self, env_name: str, phase: str, point: dict[str, int], samples_us: list[float]) -> float:
+        """A host phase at `point` from its samples: their median (returned), p90 and count."""
+        values = sorted(samples_us)
+        median = statistics.median(values)
+        self.record_host(env_name, phase, point, median, values[min(len(values) - 1, int(0.9 * len(values)))],
+                         len(values))
+        return median
 
     def host(self, env_name: str) -> list[dict]:
         env_id, _ = self.environment(env_name)
