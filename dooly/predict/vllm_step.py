@@ -140,30 +140,32 @@ class StepModel:
                 total += count * curve(evaluate(expr, values))
         return total
 
-    def _at_depth(self, floors: dict, t: int, r: int) -> float:
-        """A calibrated host cost at this model's depth: between the two calibrated depths around it, or along the
-        line through the two nearest (piecewise steps launch per layer); one depth alone stands for all."""
-        depths = sorted(floors)
+    def _at_depth(self, by_depth: dict, cost) -> float:
+        """`cost` of a calibration (a depth's value in `by_depth`) at this model's depth: between the two calibrated
+        depths around it, or along the line through the two nearest (piecewise steps launch per layer); one depth
+        alone stands for all."""
+        depths = sorted(by_depth)
         if not depths:
             return 0.0
         if len(depths) == 1:
-            return floors[depths[0]](t, r)
+            return cost(by_depth[depths[0]])
         hi = next((i for i, d in enumerate(depths) if d >= self.layers), len(depths) - 1)
         a, b = depths[max(hi - 1, 0)], depths[max(hi, 1)]
-        ya, yb = floors[a](t, r), floors[b](t, r)
+        ya, yb = cost(by_depth[a]), cost(by_depth[b])
         return max(0.0, ya + (yb - ya) * (self.layers - a) / (b - a))
 
     def host_us(self, batch: list[tuple[int, int]]) -> float:
         """The engine's floor for this step at this model's depth."""
-        return self._at_depth(self.host, sum(q for q, _ in batch), len(batch))
+        t, r = sum(q for q, _ in batch), len(batch)
+        return self._at_depth(self.host, lambda floor: floor(t, r))
 
     def launch_us(self, tokens: int, requests: int) -> float:
         """The host's time from a step's execute_model to its sampling launched, at this model's depth."""
-        return self._at_depth(self.launch, tokens, requests)
+        return self._at_depth(self.launch, lambda floor: floor(tokens, requests))
 
     def admit_us(self, requests: int) -> float:
         """The host's time from `requests` arriving together at an idle engine to its first step."""
-        return self._at_depth({d: (lambda t, r, c=c: c(r)) for d, c in self.admit.items()}, 0, requests)
+        return self._at_depth(self.admit, lambda curve: curve(requests))
 
     def step_us(self, batch: list[tuple[int, int]]) -> float:
         return max(self.gpu_us(batch), self.host_us(batch))
