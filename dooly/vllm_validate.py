@@ -96,7 +96,7 @@ def validate_vllm_model(truth: dict, graph, store, log=print, max_steps: int = 1
     from .environment import vllm_model_runner
     from .predict.vllm_step import step_model
     from .sim.schedulers import VLLMv1
-    from .sim.simulator import seen_when_read, simulate
+    from .sim.simulator import simulate_vllm
     from .sim.workload import Request
     from .validate import Row, request_truth, steps_of
 
@@ -124,9 +124,7 @@ def validate_vllm_model(truth: dict, graph, store, log=print, max_steps: int = 1
         scheduler = VLLMv1(config["num_gpu_blocks"], config["block_size"], config["max_num_batched_tokens"],
                            config["max_num_seqs"], config["prefix_caching"], config["async_scheduling"],
                            prompt_tokens=_prompt_tokens(reqs, trace["shared_prefix"]))
-        outcome = simulate(reqs, scheduler, _StepTime(model), max_steps, admission_s=lambda n: model.admit_us(n) * 1e-6)
-        if config["async_scheduling"]:
-            outcome = seen_when_read(outcome, lambda t, r: model.launch_us(t, r) * 1e-6)
+        outcome = simulate_vllm(reqs, scheduler, model, max_steps, async_scheduling=config["async_scheduling"])
         out = outcome.requests
         p_ttft = np.array([r["ttft"] for r in out])
         p_tpot = np.array([r["tpot"] if r["tpot"] is not None else np.nan for r in out], dtype=float)

@@ -192,11 +192,11 @@ def test_a_first_token_is_read_when_its_step_ends_or_once_the_host_has_launched_
     """With asynchronous scheduling the host launches step N+1 before it waits on step N's output."""
     from dooly.sim.simulator import Outcome, seen_when_read
 
-    steps = [{"time": 0.010, "seconds": 0.010, "requests": 1, "tokens": 200},  # GPU-bound: launched in 6 + 1 ms
-             {"time": 0.015, "seconds": 0.005, "requests": 1, "tokens": 1},
-             {"time": 0.017, "seconds": 0.002, "requests": 2, "tokens": 100},  # host-bound: 1.5 + 1 ms to launch
-             {"time": 0.019, "seconds": 0.002, "requests": 2, "tokens": 2},
-             {"time": 0.030, "seconds": 0.002, "requests": 1, "tokens": 300}]  # the last: nothing follows
+    steps = [{"start": 0.0, "time": 0.010, "requests": 1, "tokens": 200},  # GPU-bound: launched in 6 + 1 ms
+             {"start": 0.010, "time": 0.015, "requests": 1, "tokens": 1},
+             {"start": 0.015, "time": 0.017, "requests": 2, "tokens": 100},  # host-bound: 1.5 + 1 ms to launch
+             {"start": 0.017, "time": 0.019, "requests": 2, "tokens": 2},
+             {"start": 0.028, "time": 0.030, "requests": 1, "tokens": 300}]  # the last: nothing follows
     launch = {200: 0.006, 1: 0.001, 100: 0.0015, 2: 0.001, 300: 0.001}
     rows = [{"arrival": 0.0, "ttft": 0.010}, {"arrival": 0.015, "ttft": 0.002}, {"arrival": 0.025, "ttft": 0.005}]
     seen = seen_when_read(Outcome(rows, steps), lambda t, r: launch[t]).requests

@@ -14,6 +14,7 @@ environment for `--backend` (default FLASH_ATTN).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         summary,
         synthetic,
     )
-    from .simulator import seen_when_read
+    from .simulator import simulate_vllm
     from .transformers_cache import H100_BYTES, cache_size, weight_bytes
     from .vllm_cache import num_gpu_blocks
 
@@ -149,14 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         args.scheduler = "vllm"
         env = vllm_environment(store, args.backend or "FLASH_ATTN")
         model = step_model(graph, store, args.backend or "FLASH_ATTN")
-        step_time, extrapolated = (lambda batch: model.step_us(batch) * 1e-6), set()
-        admission = lambda n: model.admit_us(n) * 1e-6  # noqa: E731
+        extrapolated: set = set()
     else:
         env = environment_name(store, args.backend)
         predictor = load_predictor(graph, store, env)
         knobs = Knobs(use_cuda_graph=args.cuda_graphs, max_batch_tokens=args.max_batch_tokens,
                       use_async_batching=args.async_batching)
-        step_time, extrapolated, admission = StepTime(predictor, knobs), predictor.extrapolated, None
+        step_time, extrapolated = StepTime(predictor, knobs), predictor.extrapolated
     block = args.block_size or (256 if args.scheduler == "cb" else 16)
     blocks = args.num_blocks
     if blocks is None:
@@ -166,19 +166,18 @@ def main(argv: list[str] | None = None) -> int:
         blocks = (num_gpu_blocks(cfg, gpu, weight_bytes(cfg)) if args.scheduler == "vllm"
                   else cache_size(cfg, gpu, 256, args.max_batch_tokens).num_blocks * 256 // block)
     scheduler = engine_scheduler(args.scheduler, blocks, block, args.max_batch_tokens, args.max_requests or 1024)
+    serve = (functools.partial(simulate_vllm, requests, scheduler, model, limits["steps"]) if vllm_ir  # async: vLLM's
+             else functools.partial(simulate, requests, scheduler, step_time, limits["steps"]))  # default
     started = time.perf_counter()
     if args.json:
-        outcome = simulate(requests, scheduler, step_time, limits["steps"], admission_s=admission)
+        outcome = serve()
     else:
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
             task = bar.add_task(f"simulating {len(requests)} requests", total=len(requests))
-            outcome = simulate(requests, scheduler, step_time, limits["steps"],
-                               progress=lambda done: bar.update(task, completed=done), admission_s=admission)
+            outcome = serve(progress=lambda done: bar.update(task, completed=done))
     seconds = time.perf_counter() - started
-    if vllm_ir:  # vLLM's default: asynchronous scheduling
-        outcome = seen_when_read(outcome, lambda t, r: model.launch_us(t, r) * 1e-6)
     result = summary(outcome)
     out = out or Path("out/simulate") / graph.model
     out.mkdir(parents=True, exist_ok=True)

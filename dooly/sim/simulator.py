@@ -82,7 +82,7 @@ class StepTime:
 @dataclass
 class Outcome:
     requests: list[dict]
-    steps: list[dict] = field(default_factory=list)  # end time, seconds, batch size, tokens
+    steps: list[dict] = field(default_factory=list)  # start and end time, batch size, tokens
 
 
 def ready_times(pending: list[Request], admission_s: Callable[[int], float] | None) -> list[float]:
@@ -127,9 +127,8 @@ def simulate(requests: list[Request], scheduler, step_time, max_steps: int = LIM
                                  "than the engine has")
             now = ready[i]
             continue
-        seconds = step_time([(s.tokens, s.keys) for s in batch])
-        now += seconds
-        steps.append({"time": now, "seconds": seconds, "requests": len(batch), "tokens": sum(s.tokens for s in batch)})
+        start, now = now, now + step_time([(s.tokens, s.keys) for s in batch])
+        steps.append({"start": start, "time": now, "requests": len(batch), "tokens": sum(s.tokens for s in batch)})
         for s in batch:
             state = s.state
             makes = s.produces_token
@@ -166,12 +165,21 @@ def seen_when_read(outcome: Outcome, launch_s: Callable[[int, int], float]) -> O
     for r in outcome.requests:
         first = r["arrival"] + r["ttft"]
         n = int(np.searchsorted(ends, first - 1e-12))
-        if n + 1 < len(steps) and abs(steps[n + 1]["time"] - steps[n + 1]["seconds"] - steps[n]["time"]) < 1e-9:
+        if n + 1 < len(steps) and steps[n + 1]["start"] == steps[n]["time"]:
             step, after = steps[n], steps[n + 1]
             host = launch_s(step["tokens"], step["requests"]) + launch_s(after["tokens"], after["requests"])
-            first += min(max(0.0, host - step["seconds"]), after["seconds"])
+            first += min(max(0.0, host - (step["time"] - step["start"])), after["time"] - after["start"])
         rows.append({**r, "ttft": first - r["arrival"]})
     return Outcome(rows, outcome.steps)
+
+
+def simulate_vllm(requests: list[Request], scheduler, model, max_steps: int = LIMITS["steps"].default,
+                  progress=None, async_scheduling: bool = True) -> Outcome:
+    """vLLM serving `requests` on `model` (a `predict.vllm_step.StepModel`): the host takes in arrivals, each step
+    lasts the model's step and, with asynchronous scheduling, first tokens are seen when the host reads them."""
+    outcome = simulate(requests, scheduler, lambda batch: model.step_us(batch) * 1e-6, max_steps, progress,
+                       admission_s=lambda n: model.admit_us(n) * 1e-6)
+    return seen_when_read(outcome, lambda t, r: model.launch_us(t, r) * 1e-6) if async_scheduling else outcome
 
 
 def summary(outcome: Outcome) -> dict:
