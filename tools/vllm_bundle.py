@@ -5,7 +5,7 @@
 site folder, leaves out what a Hopper GPU never loads, and packs the rest as one xz tar cut into pieces small
 enough for one device call each (a call carries at most 64 MiB with the working tree):
 
-    python tools/vllm_bundle.py build --out .vllm          # .vllm/part-00, part-01, ... (~44 MB each)
+    python tools/vllm_bundle.py build --out .vllm          # .vllm/part-00, part-01, ... (64 MiB less the tracked tree each)
 
 On the GPU machine each piece is moved out of the repository as it arrives (one call each, in a row, while the
 machine stays warm), then joined and unpacked into /tmp/site, put first on PYTHONPATH:
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import lzma
+import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x8
 # DeepGEMM header trees, the Rust tool-call parser binary and the OpenAI server's web assets.
 LEFT_OUT = ["vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", "vllm/third_party/deep_gemm", "vllm/third_party/fmha_sm100",
             "vllm/vllm-rs", "vllm/entrypoints/openai/swagger", "include", "bin"]
-PIECE_MB = 34  # with the tracked tree (~24 MB) under the 64 MiB a call carries
+CARRY_BYTES = 64 * 2**20 - 2 * 10**6  # what a device call carries, less a margin for files written meanwhile
 PARTS = Path("/tmp/vllm-parts")
 SITE = Path("/tmp/site")
 
@@ -57,12 +58,19 @@ def build(out: Path, wheels: Path) -> None:
     with tarfile.open(packed, "w:xz", preset=6) as tar:
         for entry in sorted(site.iterdir()):
             tar.add(entry, arcname=entry.name)
+    piece = CARRY_BYTES - tracked_bytes()
     with open(packed, "rb") as f:
-        for i, chunk in enumerate(iter(lambda: f.read(PIECE_MB * 10**6), b"")):
+        for i, chunk in enumerate(iter(lambda: f.read(piece), b"")):
             (out / f"part-{i:02d}").write_bytes(chunk)
     packed.unlink()
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.0f} MB" for p in sorted(out.iterdir()))
     print(f"{out}: {sizes}")
+
+
+def tracked_bytes() -> int:
+    """The checkout's tracked files, which travel with every call beside the piece."""
+    names = subprocess.run(["git", "ls-files", "-z"], capture_output=True, check=True).stdout.split(b"\0")
+    return sum(os.path.getsize(n) for n in names if n and os.path.exists(n))
 
 
 def stash(folder: Path) -> None:
