@@ -5,7 +5,7 @@
 site folder, leaves out what a Hopper GPU never loads, and packs the rest as one xz tar cut into pieces small
 enough for one device call each (a call carries at most 64 MiB with the working tree):
 
-    python tools/vllm_bundle.py build --out .vllm          # .vllm/part-00, part-01, ... (64 MiB less the tracked tree each)
+    python tools/vllm_bundle.py build --out .vllm   # .vllm/part-00, part-01, ... (64 MiB less the tracked tree each)
 
 On the GPU machine each piece is moved out of the repository as it arrives (one call each, in a row, while the
 machine stays warm), then joined and unpacked into /tmp/site, put first on PYTHONPATH:

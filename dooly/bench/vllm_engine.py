@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,10 @@ class Step:
     forward_s: float  # execute_model to the end of sample_tokens, on the GPU stream (events)
     host_s: float  # the same span on the host clock
     start: float  # perf_counter at execute_model, seconds after the run started
+    # from execute_model to the model's first launch, on the GPU stream (the GPU idle while the host prepares the
+    # inputs, once no earlier step's work is left on it) and on the host clock (the preparation itself)
+    lead_s: float | None = None
+    host_lead_s: float | None = None
 
     @property
     def keys(self) -> list[int]:
@@ -64,16 +69,34 @@ class _Hooks:
 
     def __init__(self):
         import torch
+        from vllm.v1.worker.gpu.kv_connector import KVConnector
         from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
 
         self.torch = torch
-        self.pending: list = []  # (scheduler output summary, start event, end event, host start, host end)
+        self.pending: list = []  # (summary, start event, end event, host start, host end, model event, host model)
         self.origin = time.perf_counter()
         self.open = None
+        self.model_start = None  # (event, perf_counter) at the first model launch of the step being executed
         self.saved = {cls: (cls.execute_model, cls.sample_tokens) for cls in (V1Runner, V2Runner)}
         for cls, (execute, sample) in self.saved.items():
             cls.execute_model, cls.sample_tokens = self._timed_execute(execute), self._timed_sample(sample)
+        # the last host call before a step's model runs: V1 calls the model through `_model_forward`, V2 tells its
+        # (no-op) KV connector `pre_forward` right before a graph replay or a forward
+        self.saved_forward = [(V1Runner, "_model_forward", V1Runner._model_forward),
+                              (KVConnector, "pre_forward", KVConnector.pre_forward)]
+        for cls, name, method in self.saved_forward:
+            setattr(cls, name, self._stamped(method))
+
+    def _stamped(self, method):
+        def stamped(*args, **kwargs):
+            if self.model_start is None:
+                event = self.torch.cuda.Event(enable_timing=True)
+                event.record()
+                self.model_start = (event, time.perf_counter())
+            return method(*args, **kwargs)
+
+        return stamped
 
     def _timed_execute(self, execute):
         def timed_execute(runner, scheduler_output, *args, **kwargs):
@@ -83,9 +106,10 @@ class _Hooks:
             start = self.torch.cuda.Event(enable_timing=True)
             start.record()
             t = time.perf_counter()
+            self.model_start = None
             out = execute(runner, scheduler_output, *args, **kwargs)
             if summary[0]:
-                self.open = (summary, start, t)
+                self.open = (summary, start, t, self.model_start)
                 if out is not None:  # the step sampled inside execute_model
                     self._close()
             return out
@@ -104,14 +128,16 @@ class _Hooks:
     def _close(self):
         end = self.torch.cuda.Event(enable_timing=True)
         end.record()
-        summary, start, t = self.open
-        self.pending.append((summary, start, end, t, time.perf_counter()))
+        summary, start, t, model_start = self.open
+        self.pending.append((summary, start, end, t, time.perf_counter(), model_start))
         self.open = None
 
     def steps(self) -> list[Step]:
         self.torch.cuda.synchronize()
-        out = [Step(q, c, start.elapsed_time(end) / 1e3, t1 - t0, t0 - self.origin)
-               for (q, c), start, end, t0, t1 in self.pending]
+        out = []
+        for (q, c), start, end, t0, t1, model_start in self.pending:
+            lead = (start.elapsed_time(model_start[0]) / 1e3, model_start[1] - t0) if model_start else (None, None)
+            out.append(Step(q, c, start.elapsed_time(end) / 1e3, t1 - t0, t0 - self.origin, *lead))
         self.pending = []
         return out
 
@@ -121,6 +147,8 @@ class _Hooks:
     def remove(self) -> None:
         for cls, (execute, sample) in self.saved.items():
             cls.execute_model, cls.sample_tokens = execute, sample
+        for cls, name, method in self.saved_forward:
+            setattr(cls, name, method)
 
 
 def _composition(so) -> tuple[list[int], list[int]]:
@@ -234,12 +262,27 @@ def environment(backend: str, eager: bool) -> dict:
         driver = "unknown"
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
-    # the host's speed sets every host-bound step: a calibration holds for ground truth of the same CPU only
-    return {"gpu": torch.cuda.get_device_name(), "cpu": cpu, "cpus": os.cpu_count(), "driver": driver,
+    # the host's speed sets every host-bound step: a calibration holds for ground truth of the same machine only,
+    # which one CPU name does not tell apart (every lent machine says "Intel(R) Xeon(R) Processor")
+    return {"gpu": torch.cuda.get_device_name(), "cpu": cpu, "cpus": os.cpu_count(), "host": socket.gethostname(),
+            "host_probe_ms": host_probe_ms(), "driver": driver,
             "cuda": torch.version.cuda,
             "torch": torch.__version__, "triton": triton.__version__, "engine": "vllm",
             "engine_version": vllm.__version__, "dtype": "bfloat16", "attention_backend": backend,
             "mode": "eager" if eager else "compiled+cudagraphs"}
+
+
+def host_probe_ms() -> float:
+    """The best of five runs of a fixed pure-Python loop (tens of milliseconds): the host's single-thread speed,
+    which sets every host-bound step, comparable across machines."""
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        total = 0
+        for i in range(400_000):
+            total += i % 7
+        best = min(best, time.perf_counter() - t)
+    return round(best * 1e3, 2)
 
 
 def check() -> None:
@@ -345,7 +388,8 @@ def record_calibration(store_path: Path, path: Path) -> None:
     cycle, from its `execute_model` to the next step's (phase `vllm-cycle`: the launch span plus scheduling and
     output processing, which is how often a host-bound engine steps); and, for requests that arrived together at an
     idle engine, the time to their first step (phase `vllm-admit`, by requests and prompt tokens: input processing
-    of each request before it can be scheduled)."""
+    of each request before it can be scheduled); where the file has them, the host's time from `execute_model` to
+    the model's first launch (phase `vllm-lead`: input preparation, which a step starting on an idle GPU waits for)."""
 
     from ..environment import vllm_environment_name
     from ..errors import DoolyError
@@ -366,6 +410,8 @@ def record_calibration(store_path: Path, path: Path) -> None:
                                        {"vllm-step": [], "vllm-launch": [], "vllm-cycle": []})
             spans["vllm-step"].append(s["forward_s"] * 1e6)
             spans["vllm-launch"].append(s["host_s"] * 1e6)
+            if s.get("host_lead_s") is not None:
+                spans.setdefault("vllm-lead", []).append(s["host_lead_s"] * 1e6)
             if i + 1 < len(steps):
                 spans["vllm-cycle"].append((steps[i + 1]["start"] - s["start"]) * 1e6)
     store = Store(store_path)
