@@ -219,3 +219,17 @@ def test_requests_arriving_together_are_taken_in_as_one_batch_before_any_is_sche
                         admission_s=admit.get)
     for a, b, delay in zip(plain.requests, admitted.requests, (0.003, 0.003, 0.001)):
         assert b["ttft"] == pytest.approx(a["ttft"] + delay)
+
+
+def test_a_step_starting_on_an_idle_engine_takes_its_idle_time():
+    """A step launched while the last one runs finds its inputs prepared; one after an idle spell waits for them."""
+    from dooly.sim.schedulers import VLLMv1
+    from dooly.sim.simulator import simulate
+    from dooly.sim.workload import Request
+
+    requests = [Request(0, 0.0, 16, 3), Request(1, 1.0, 16, 2)]  # the second arrives long after the first ends
+    out = simulate(requests, VLLMv1(1000, 16, 2048, 128, False, False), lambda batch: 0.010,
+                   idle_step_time=lambda batch: 0.013)
+    assert [round(s["time"] - s["start"], 6) for s in out.steps] == [0.013, 0.010, 0.010, 0.013, 0.010]
+    assert [r["ttft"] for r in out.requests] == pytest.approx([0.013, 0.013])
+    assert out.requests[0]["e2e"] == pytest.approx(0.033)

@@ -112,6 +112,19 @@ def test_the_engines_floor_follows_the_models_depth():
     assert StepModel([], {2: floor(1000.0)}, 32).host_us(decode) == 1000  # one depth stands for all
 
 
+def test_a_step_from_an_idle_gpu_waits_for_the_hosts_input_preparation():
+    from dooly.predict.vllm_step import HostFloor, StepModel
+
+    flat = lambda us: HostFloor(Curve([1, 64], [us, us]), Curve([16, 2048], [us, us]), None)  # noqa: E731
+    gpu = Curve([1, 4096], [5000.0, 5000.0])
+    model = StepModel([("padded", 1, gpu, {"M": "T"})], {16: flat(3000.0)}, 16, lead={16: flat(1500.0)})
+    assert model.step_us([(2048, 2048)]) == 5000  # launched while the last step runs: GPU-bound
+    assert model.step_us([(2048, 2048)], idle=True) == 6500
+    slow_host = StepModel(model.terms, {16: flat(7000.0)}, 16, lead={16: flat(1500.0)})
+    assert slow_host.step_us([(2048, 2048)], idle=True) == 7000  # the host's floor already spans its lead
+    assert StepModel(model.terms, {16: flat(3000.0)}, 16).step_us([(2048, 2048)], idle=True) == 5000  # none measured
+
+
 def test_a_decode_steps_floor_is_the_hosts_cycle_and_a_prefills_the_gpu_span(store):
     """A host-bound decode step lasts from one launch to the next (output processing and scheduling included); a
     lone prefill, mostly after the engine idled, lasts its GPU span."""

@@ -14,7 +14,9 @@ a tiny model (`python -m dooly.bench.vllm_engine calibrate`), is a floor: with a
 prepares a step while the GPU runs the last, so a step takes the longer of the two. Decode steps follow one another
 back to back, so a host-bound one lasts the host's whole cycle (launch to the next launch, output processing and
 scheduling included); a prefill step is floored by the tiny model's GPU span, since it is mostly the first step
-after the engine idled, whose start no earlier step's output processing delays.
+after the engine idled, whose start no earlier step's output processing delays. A step that starts on an idle GPU
+also waits, before the model's first kernel, for the host's input preparation (the tiny model's lead from
+execute_model to its first launch), which a step launched while the last one runs has done meanwhile.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..ir.graph import Graph
 HOST_PHASE = "vllm-step"
 DECODE_HOST_PHASE = "vllm-cycle"
 LAUNCH_PHASE = "vllm-launch"
+LEAD_PHASE = "vllm-lead"
 ADMIT_PHASE = "vllm-admit"
 CALIBRATION_DEPTH = 2  # the tiny model's layers, for host rows that do not say theirs
 ATTENTION_OPS = {"vllm.unified_attention_with_output"}
@@ -125,6 +128,7 @@ class StepModel:
     layers: int
     launch: dict[int, HostFloor] = field(default_factory=dict)  # the host's span from execute_model to sampled
     admit: dict[int, Curve] = field(default_factory=dict)  # requests arriving together to their first step
+    lead: dict[int, HostFloor] = field(default_factory=dict)  # the host's span from execute_model to the model
     host_runner: str = "v2"  # the model runner the host costs were calibrated on
 
     def gpu_us(self, batch: list[tuple[int, int]]) -> float:
@@ -167,8 +171,17 @@ class StepModel:
         """The host's time from `requests` arriving together at an idle engine to its first step."""
         return self._at_depth(self.admit, lambda curve: curve(requests))
 
-    def step_us(self, batch: list[tuple[int, int]]) -> float:
-        return max(self.gpu_us(batch), self.host_us(batch))
+    def lead_us(self, tokens: int, requests: int) -> float:
+        """The host's time from a step's execute_model to the model's first launch, at this model's depth."""
+        return self._at_depth(self.lead, lambda floor: floor(tokens, requests))
+
+    def step_us(self, batch: list[tuple[int, int]], idle: bool = False) -> float:
+        """The step's time; `idle`: it starts on an idle GPU, which first waits for the host's input preparation
+        (a step launched while the last one runs has it done meanwhile)."""
+        gpu = self.gpu_us(batch)
+        if idle:
+            gpu += self.lead_us(sum(q for q, _ in batch), len(batch))
+        return max(gpu, self.host_us(batch))
 
 
 def vllm_environment(store, backend: str) -> str:
@@ -217,6 +230,7 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
         terms.append(("padded" if inside else "rows", use.count, Curve(xs, ys), use.binding))
     floors: dict[int, dict[str, list]] = {}
     launches: dict[int, dict[str, list]] = {}
+    leads: dict[int, dict[str, list]] = {}
     cycles: dict[int, list] = {}
     admits: dict[int, dict[int, list]] = {}
     rows = store.host(env)
@@ -231,8 +245,8 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
         t, r = point["T"], point["R"]
         depth = point.get("layers", CALIBRATION_DEPTH)
         kind = "decode" if t == r else "prefill" if r == 1 else "mixed"
-        if row["phase"] in (HOST_PHASE, LAUNCH_PHASE):
-            into = floors if row["phase"] == HOST_PHASE else launches
+        if row["phase"] in (HOST_PHASE, LAUNCH_PHASE, LEAD_PHASE):
+            into = {HOST_PHASE: floors, LAUNCH_PHASE: launches, LEAD_PHASE: leads}[row["phase"]]
             into.setdefault(depth, {}).setdefault(kind, []).append((r if t == r else t, row["median_us"]))
         elif row["phase"] == DECODE_HOST_PHASE and t == r:
             cycles.setdefault(depth, []).append((r, row["median_us"]))
@@ -244,4 +258,4 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
     by_depth = lambda rows: {depth: HostFloor(curve(k.get("decode")), curve(k.get("prefill")),  # noqa: E731
                                               curve(k.get("mixed"))) for depth, k in rows.items()}
     admit = {depth: Curve(*zip(*sorted((r, min(v)[1]) for r, v in by_r.items()))) for depth, by_r in admits.items()}
-    return StepModel(terms, by_depth(floors), graph.meta.layers, by_depth(launches), admit, runner)
+    return StepModel(terms, by_depth(floors), graph.meta.layers, by_depth(launches), admit, by_depth(leads), runner)

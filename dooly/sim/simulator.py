@@ -101,8 +101,9 @@ def ready_times(pending: list[Request], admission_s: Callable[[int], float] | No
 
 
 def simulate(requests: list[Request], scheduler, step_time, max_steps: int = LIMITS["steps"].default,
-             progress=None, admission_s: Callable[[int], float] | None = None) -> Outcome:
-    """Serve `requests` with `scheduler`; `step_time(batch)` gives each step's seconds; `admission_s(n)` the host's
+             progress=None, admission_s: Callable[[int], float] | None = None, idle_step_time=None) -> Outcome:
+    """Serve `requests` with `scheduler`; `step_time(batch)` gives each step's seconds, `idle_step_time(batch)`
+    (where given) those of a step that starts with the engine idle; `admission_s(n)` the host's
     time to take in n requests arriving together before any can be scheduled (none if not given);
     `progress(finished)` is told every few hundred steps how many requests have finished. A run is stopped after
     `max_steps` steps (the steps limit), so that its record of steps stays bounded."""
@@ -127,7 +128,8 @@ def simulate(requests: list[Request], scheduler, step_time, max_steps: int = LIM
                                  "than the engine has")
             now = ready[i]
             continue
-        start, now = now, now + step_time([(s.tokens, s.keys) for s in batch])
+        idle = idle_step_time is not None and (not steps or steps[-1]["time"] < now)
+        start, now = now, now + (idle_step_time if idle else step_time)([(s.tokens, s.keys) for s in batch])
         steps.append({"start": start, "time": now, "requests": len(batch), "tokens": sum(s.tokens for s in batch)})
         for s in batch:
             state = s.state
@@ -176,9 +178,11 @@ def seen_when_read(outcome: Outcome, launch_s: Callable[[int, int], float]) -> O
 def simulate_vllm(requests: list[Request], scheduler, model, max_steps: int = LIMITS["steps"].default,
                   progress=None, async_scheduling: bool = True) -> Outcome:
     """vLLM serving `requests` on `model` (a `predict.vllm_step.StepModel`): the host takes in arrivals, each step
-    lasts the model's step and, with asynchronous scheduling, first tokens are seen when the host reads them."""
+    lasts the model's step (with the host's input preparation first where the GPU was idle) and, with asynchronous
+    scheduling, first tokens are seen when the host reads them."""
     outcome = simulate(requests, scheduler, lambda batch: model.step_us(batch) * 1e-6, max_steps, progress,
-                       admission_s=lambda n: model.admit_us(n) * 1e-6)
+                       admission_s=lambda n: model.admit_us(n) * 1e-6,
+                       idle_step_time=lambda batch: model.step_us(batch, idle=True) * 1e-6)
     return seen_when_read(outcome, lambda t, r: model.launch_us(t, r) * 1e-6) if async_scheduling else outcome
 
 
