@@ -64,7 +64,8 @@ def _pct(values, q):
 def steps_of(truth: dict, forward=None) -> tuple[list[list[tuple[int, int]]], np.ndarray, np.ndarray, np.ndarray]:
     """Compositions seen in at least MIN_REPEATS runs of a trace: their batches, median measured forward (s), its
     spread, and (given `forward`, a factory of per-run step models) the median predicted forward over the same
-    runs, each run's steps predicted in the order it ran them."""
+    runs, each run's steps predicted in the order it ran them. A step marked `idle` (it started on an idle GPU, as
+    vLLM's ground truth says) is a composition of its own, predicted as such."""
     batches, medians, spreads, predicted = [], [], [], []
     for trace in truth["traces"].values():
         seen: dict[tuple, list[float]] = {}
@@ -72,13 +73,15 @@ def steps_of(truth: dict, forward=None) -> tuple[list[list[tuple[int, int]]], np
         for run in trace["runs"]:
             step_time = forward() if forward else None
             for step in run["steps"]:
-                key = tuple(zip(step["queries"], step["keys"]))
+                key = (tuple(zip(step["queries"], step["keys"])), step.get("idle", False))
                 seen.setdefault(key, []).append(step["forward_s"])
                 if step_time:
-                    guessed.setdefault(key, []).append(step_time.forward_us([(int(q), int(k)) for q, k in key])[0])
+                    batch = [(int(q), int(k)) for q, k in key[0]]
+                    us = step_time.forward_us(batch, idle=True) if key[1] else step_time.forward_us(batch)
+                    guessed.setdefault(key, []).append(us[0])
         for key, values in seen.items():
             if len(values) >= MIN_REPEATS:
-                batches.append([(int(q), int(k)) for q, k in key])
+                batches.append([(int(q), int(k)) for q, k in key[0]])
                 medians.append(float(np.median(values)))
                 spreads.append((max(values) - min(values)) / float(np.median(values)))
                 predicted.append(float(np.median(guessed[key])) * 1e-6 if step_time else np.nan)

@@ -12,6 +12,7 @@ Ground truth is never used to fit anything.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -64,21 +65,34 @@ def check_vllm(truth: dict, path: Path, limits, need) -> dict:
 
 
 def _with_keys(truth: dict) -> dict:
-    """The ground truth with each step's keys (new plus computed tokens), as `dooly.validate.steps_of` reads them."""
+    """The ground truth with each step's keys (new plus computed tokens), as `dooly.validate.steps_of` reads them,
+    and whether it started on an idle GPU (`idle`)."""
     traces = {}
     for name, trace in truth["traces"].items():
-        runs = [{**run, "steps": [{**s, "keys": [q + c for q, c in zip(s["queries"], s["computed"])]}
-                                  for s in run["steps"]]} for run in trace["runs"]]
+        runs = [{**run, "steps": [{**s, "keys": [q + c for q, c in zip(s["queries"], s["computed"])], "idle": idle}
+                                  for s, idle in zip(run["steps"], started_idle(run["steps"]))]}
+                for run in trace["runs"]]
         traces[name] = {**trace, "runs": runs}
     return {**truth, "traces": traces}
+
+
+def started_idle(steps: list[dict]) -> list[bool]:
+    """Which steps the host launched after the GPU had finished the step before. A step's GPU span runs from an
+    event recorded as the host enters execute_model, which fires once the GPU is done with what was queued before:
+    so a step's GPU work ends at the later of its launch and the previous step's end, plus its span."""
+    idle, end = [], -math.inf
+    for s in steps:
+        idle.append(s["start"] >= end)
+        end = max(s["start"], end) + s["forward_s"]
+    return idle
 
 
 class _StepTime:
     def __init__(self, model):
         self.model = model
 
-    def forward_us(self, batch):
-        return self.model.step_us(batch), None
+    def forward_us(self, batch, idle=False):
+        return self.model.step_us(batch, idle), None
 
     def __call__(self, batch):
         return self.model.step_us(batch) * 1e-6

@@ -157,3 +157,13 @@ def test_host_costs_are_taken_from_the_model_runner_vllm_serves_the_architecture
     assert phi.host_us(prefill) == pytest.approx(2 * v2.host_us(prefill))
     assert phi.launch_us(200, 1) == pytest.approx(2 * v2.launch_us(200, 1))
     assert phi.admit_us(8) == pytest.approx(2 * v2.admit_us(8))
+
+
+def test_a_step_started_idle_when_the_host_launched_it_after_the_gpu_finished_the_last():
+    from dooly.vllm_validate import started_idle
+
+    steps = [{"start": 0.0, "forward_s": 0.010},  # the first step
+             {"start": 0.004, "forward_s": 0.010},  # launched while the first runs: its span starts at 0.010
+             {"start": 0.019, "forward_s": 0.002},  # before the second's end (0.020)
+             {"start": 0.030, "forward_s": 0.002}]  # after the third's (0.022)
+    assert started_idle(steps) == [True, False, False, True]
