@@ -53,7 +53,7 @@ def deployments(store_paths: list[Path], grid: dict) -> dict[tuple[str, str, str
 def tp_degrees(store: Store, env: Environment) -> set[int]:
     """TP degrees the environment can predict: 1, and those whose collectives it has measured."""
     out = {1}
-    for h in store.measured(env.name):
+    for h in store.finished_sweeps(env.name):
         sig = store.signature(h)
         if sig and sig["family"] == "collective":
             out.add(int(sig["canonical"]["attrs"]["group_size"]))

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(args.store, readonly=args.store.exists())
     if args.env:
         _, env = store.environment(args.env)
-        backend, measured = env.attention_backend, store.measured(args.env)
+        backend, measured = env.attention_backend, store.finished_sweeps(args.env)
     else:
         backend, measured = DEFAULT_BACKEND.attention, {}
     rows, dooly_s, baseline_s = plan(graphs, backend, measured)

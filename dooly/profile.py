@@ -192,7 +192,7 @@ def run(args) -> int:
     console = Console()
     used = signature_uses(graphs, env.attention_backend)
     signatures = {h: sig for h, (sig, _) in used.items()}
-    done = store.measured(env.name)
+    done = store.finished_sweeps(env.name)
     collectives = [s for h, s in signatures.items() if h not in done and s.family == "collective"]
     if collectives:  # they run in several processes, one a GPU: not from this single process
         written = codegen.write(collectives, bench)

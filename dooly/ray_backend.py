@@ -237,7 +237,7 @@ def profile(store_path: Path, graphs: list, backend: Backend, budget_s: float = 
     store = Store(store_path)
     store.add_environment(env)
     used = signature_uses(graphs, env.attention_backend)
-    done = store.measured(env.name)
+    done = store.finished_sweeps(env.name)
     todo = [s for h, (s, _) in used.items() if h not in done and s.family != "collective"]
     for sig in todo:
         store.add_signature(sig)

@@ -120,7 +120,7 @@ def run(args) -> int:
     if len(versions) != 1:
         raise DoolyError(f"the IRs come from different vLLM versions ({', '.join(map(str, versions))})")
     env = store.add_environment(detect_vllm(args.backend, args.eager, versions.pop()))
-    done = store.measured(env.name)
+    done = store.finished_sweeps(env.name)
     by_hash: dict[str, tuple] = {}  # hash -> (signature, graph, use, bindings)
     for g in graphs:
         for u in step_uses(g, args.backend, args.eager):

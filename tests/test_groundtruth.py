@@ -11,7 +11,7 @@ import pytest
 from helpers import ROOT, dooly, gpu_available
 
 from dooly.bench import cli, groundtruth
-from dooly.bench.engine import Result, Step
+from dooly.bench.engine import MeasuredStep, Result
 from dooly.limits import Limits
 from dooly.validate import read_groundtruth
 
@@ -33,9 +33,9 @@ class FakeEngine:
 
     def run(self, requests):
         FakeEngine.served.append(requests)
-        prefill = Step([p for _, p, _ in requests], [p for _, p, _ in requests], None, 1e-3, 1e-3, 0.01, 0.02, 1e-3,
-                       0.0)
-        decode = Step([1] * len(requests), [p + 1 for _, p, _ in requests], None, 1e-3, 1e-3, 0.005, 0.01, 1e-3, 0.02)
+        prompts = [p for _, p, _ in requests]
+        prefill = MeasuredStep(prompts, prompts, None, 1e-3, 1e-3, 0.01, 0.02, 1e-3, 0.0)
+        decode = MeasuredStep([1] * len(requests), [p + 1 for p in prompts], None, 1e-3, 1e-3, 0.005, 0.01, 1e-3, 0.02)
         results = [Result(f"req_{i}", p, o, arrival, arrival + 0.02, [arrival + 0.02, arrival + 0.03])
                    for i, (arrival, p, o) in enumerate(requests)]
         return [prefill, decode], results

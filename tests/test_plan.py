@@ -40,7 +40,8 @@ def test_measured_signatures_cost_what_they_cost(tmp_path):
         store.add_signature(u.signature)
         store.record(u.signature.hash, "h100/sdpa", {a: 1 for a in u.signature.axes}, stats(1.0))
         store.finish_sweep(u.signature.hash, "h100/sdpa", 0.25, 1)
-    rows, dooly_s, baseline_s = plan([g, zoo_graph("mistral-7b-v0.3")], "paged|sdpa", store.measured("h100/sdpa"))
+    swept = store.finished_sweeps("h100/sdpa")
+    rows, dooly_s, baseline_s = plan([g, zoo_graph("mistral-7b-v0.3")], "paged|sdpa", swept)
     assert rows[0].new == 0 and rows[0].est_gpu_s == 0 and rows[0].in_store == rows[0].unique
     assert 0 < rows[1].est_gpu_s == dooly_s < baseline_s
     out = dooly("plan", LLAMA, "--store", tmp_path / "s.sqlite", "--env", "h100/sdpa", "--json")

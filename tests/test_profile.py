@@ -65,7 +65,7 @@ def test_sweep_measures_the_grid_then_refines_where_latency_bends(setup):
     assert set(grid) <= set(ms) and len(ms) > len(grid)
     extra = [m for m in ms if m not in grid]
     assert extra and all(256 < m < 1024 for m in extra)  # only around the knee at 512
-    assert store.measured(ENV)[sig.hash] == pytest.approx(0.01 * len(ms))
+    assert store.finished_sweeps(ENV)[sig.hash] == pytest.approx(0.01 * len(ms))
     rows = store.points(sig.hash, ENV, "gemm")
     assert rows[json.dumps({"M": 64}, separators=(",", ":"))]["median_us"] == 5.0
 
@@ -89,12 +89,12 @@ def test_a_killed_sweep_resumes_with_only_the_rest(setup):
     with pytest.raises(KeyboardInterrupt):
         first.sweep(FakeOp(), sig, {"M": 16384})
     timer.measure = real
-    assert len(store.points(sig.hash, ENV, "gemm")) == 5 and sig.hash not in store.measured(ENV)
+    assert len(store.points(sig.hash, ENV, "gemm")) == 5 and sig.hash not in store.finished_sweeps(ENV)
     FakeOp.calls = []
     sweeper(Store(store.path)).sweep(FakeOp(), sig, {"M": 16384})
     remeasured = [p["M"] for p in FakeOp.calls]
     assert not {1, 2, 4, 8, 16} & set(remeasured)  # the five committed points are not measured again
-    assert sig.hash in store.measured(ENV)
+    assert sig.hash in store.finished_sweeps(ENV)
 
 
 def test_budget_stops_between_points_and_keeps_them(setup):
@@ -102,7 +102,7 @@ def test_budget_stops_between_points_and_keeps_them(setup):
     s = sweeper(store, deadline=0)
     with pytest.raises(Budget):
         s.sweep(FakeOp(), sig, {"M": 16})
-    assert store.points(sig.hash, ENV, "gemm") == {} and sig.hash not in store.measured(ENV)
+    assert store.points(sig.hash, ENV, "gemm") == {} and sig.hash not in store.finished_sweeps(ENV)
 
 
 def test_out_of_memory_point_is_skipped_and_the_sweep_goes_on(setup):
@@ -111,7 +111,7 @@ def test_out_of_memory_point_is_skipped_and_the_sweep_goes_on(setup):
     rows = store.points(sig.hash, ENV, "gemm")
     skipped = [r for r in rows.values() if r["status"] == "skipped"]
     assert skipped and all(r["reason"] == "out of memory" for r in skipped)
-    assert sum(r["status"] == "ok" for r in rows.values()) >= 21 and sig.hash in store.measured(ENV)
+    assert sum(r["status"] == "ok" for r in rows.values()) >= 21 and sig.hash in store.finished_sweeps(ENV)
 
 
 def test_two_axis_grid_keeps_keys_at_least_queries():
@@ -169,7 +169,7 @@ def test_generated_benchmarks_sweep_into_the_store_on_the_cpu(tmp_path):
     limits = {s.hash: {a: 8 for a in s.axes} | ({"N": 4096} if "N" in s.axes else {}) for s in todo}
     done = sweep_all(sweeper(store), todo, codegen.write(todo, tmp_path / "bench"), limits)
     assert done == len(todo) >= 5
-    assert set(store.measured(ENV)) == {s.hash for s in todo}
+    assert set(store.finished_sweeps(ENV)) == {s.hash for s in todo}
     for sig in todo:
         rows = store.points(sig.hash, ENV, sig.family)
         assert rows and all(r["status"] == "ok" and r["median_us"] > 0 for r in rows.values())

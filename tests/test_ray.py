@@ -86,7 +86,7 @@ def test_profiling_through_ray_measures_every_signature_once(profiled):
     env = report["environment"]
     assert env == "fake-gpu/paged|sdpa" and report["gpus"] == 2 and report["tasks"] > 2
     assert report["left"] == 0 and report["retried_tasks"] == 0 and report["points_refused"] == 0
-    measured = Store(path, create=False).measured(env)
+    measured = Store(path, create=False).finished_sweeps(env)
     assert len(measured) == report["profiled"] == report["signatures"] - report["in_store"] > 10
     assert report["points_written"] == len(_rows(path))
     again = ray_backend.profile(path, [_graph()], backend("sdpa"), device="cpu")

@@ -58,7 +58,7 @@ def test_record_and_read_back(tmp_path):
     store.finish_sweep(s.hash, "h100/sdpa", 1.5, 2)
     points = store.points(s.hash, "h100/sdpa", "gemm")
     assert points['{"M":64}']["median_us"] == 12.5 and points['{"M":1073741824}']["status"] == "skipped"
-    assert store.measured("h100/sdpa") == {s.hash: 1.5}
+    assert store.finished_sweeps("h100/sdpa") == {s.hash: 1.5}
     assert store.signature(s.hash)["canonical"] == s.canonical
 
 
@@ -71,9 +71,9 @@ def test_non_attention_measurements_serve_every_backend_of_the_same_machine(tmp_
         store.add_signature(s)
         store.record(s.hash, "h100/sdpa", {"M": 8}, stats(3.0))
         store.finish_sweep(s.hash, "h100/sdpa", 1.0, 1)
-    assert set(store.measured("h100/cudnn")) == {gemm.hash}
+    assert set(store.finished_sweeps("h100/cudnn")) == {gemm.hash}
     assert store.points(attn.hash, "h100/cudnn", "attention") == {}
-    assert set(store.measured("a100/sdpa")) == set()
+    assert set(store.finished_sweeps("a100/sdpa")) == set()
     with pytest.raises(DoolyError, match="already exists"):
         store.add_environment(env("h100/cudnn", backend="other"))
 
@@ -183,7 +183,7 @@ def test_export_import_round_trip_merges(tmp_path):
     assert import_(b, tmp_path / "a.jsonl") == 5
     assert import_(b, tmp_path / "a.jsonl") == 0  # merging twice adds nothing
     assert b.points(s.hash, "h100/sdpa", "gemm")['{"M":4}']["median_us"] == 2.0
-    assert b.measured("h100/sdpa") == {s.hash: 0.5} and b.host("h100/sdpa")[0]["median_us"] == 900.0
+    assert b.finished_sweeps("h100/sdpa") == {s.hash: 0.5} and b.host("h100/sdpa")[0]["median_us"] == 900.0
     (tmp_path / "junk.jsonl").write_text("hello\n")
     with pytest.raises(DoolyError, match="not a Dooly store export"):
         import_(b, tmp_path / "junk.jsonl")

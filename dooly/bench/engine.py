@@ -17,7 +17,7 @@ import torch
 
 
 @dataclass
-class Step:
+class MeasuredStep:
     queries: list[int]  # query tokens of each request in the batch
     keys: list[int]  # keys each request attends to (past + new)
     keys_sliding: list[int] | None
@@ -86,7 +86,7 @@ class Engine:
         self.cb = ContinuousBatchingConfig(**(cb or {}))
         self.gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=16)
         self.device, self.sdpa_kernel = device, sdpa_kernel
-        self.steps: list[Step] = []
+        self.steps: list[MeasuredStep] = []
         self.runs = 0
 
     def close(self) -> None:
@@ -149,14 +149,15 @@ class Engine:
             update()
             events = current.pop("events", None)
             forward = events[0].elapsed_time(events[1]) / 1e3 if events else current["step_s"]
-            engine.steps.append(Step(current["queries"], current["keys"], current["sliding"], current["prepare_s"],
-                              current["launch_s"], forward, current["step_s"], time.perf_counter() - t,
-                              current["start"]))
+            engine.steps.append(MeasuredStep(current["queries"], current["keys"], current["sliding"],
+                                             current["prepare_s"], current["launch_s"], forward, current["step_s"],
+                                             time.perf_counter() - t, current["start"]))
 
         processor.prepare_next_batch, processor._generation_step = timed_prepare, timed_step
         processor.update_batch, runner.compute_batch = timed_update, timed_compute
 
-    def run(self, requests: list[tuple[float, int, int]], timeout: float = 600.0) -> tuple[list[Step], list[Result]]:
+    def run(self, requests: list[tuple[float, int, int]],
+            timeout: float = 600.0) -> tuple[list[MeasuredStep], list[Result]]:
         """Serve `requests` (arrival s, prompt tokens, output tokens) in real time; returns the steps it ran and
         each request's timing (from the engine's own token timestamps). Runs reuse one manager, its cache and its
         batch processor, as a serving process would."""

@@ -36,7 +36,7 @@ TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_si
 
 
 @dataclass
-class Step:
+class MeasuredStep:
     queries: list[int]  # tokens scheduled for each request in this step
     computed: list[int]  # tokens each request had computed before it (prefix-cache hits included)
     forward_s: float  # execute_model to the end of sample_tokens, on the GPU stream (events)
@@ -132,12 +132,12 @@ class _Hooks:
         self.pending.append((summary, start, end, t, time.perf_counter(), model_start))
         self.open = None
 
-    def steps(self) -> list[Step]:
+    def steps(self) -> list[MeasuredStep]:
         self.torch.cuda.synchronize()
         out = []
         for (q, c), start, end, t0, t1, model_start in self.pending:
             lead = (start.elapsed_time(model_start[0]) / 1e3, model_start[1] - t0) if model_start else (None, None)
-            out.append(Step(q, c, start.elapsed_time(end) / 1e3, t1 - t0, t0 - self.origin, *lead))
+            out.append(MeasuredStep(q, c, start.elapsed_time(end) / 1e3, t1 - t0, t0 - self.origin, *lead))
         self.pending = []
         return out
 
@@ -191,7 +191,8 @@ class VllmEngine:
         self.rng = random.Random(seed)
         self.runs = 0
 
-    def run(self, requests: list[tuple[float, int, int]], shared_prefix: int = 0) -> tuple[list[Step], list[Result]]:
+    def run(self, requests: list[tuple[float, int, int]],
+            shared_prefix: int = 0) -> tuple[list[MeasuredStep], list[Result]]:
         """Serves (arrival s, prompt tokens, output tokens) requests, each arriving at its time."""
         from vllm import SamplingParams
 

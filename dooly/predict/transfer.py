@@ -290,7 +290,7 @@ def plan(store: Store, source: str, target: str, fraction: float = 0.1, seed: in
     if target in known:
         _, target_env = store.environment(target)
         backend, gpu = target_env.attention_backend, target_gpu or target_env.gpu
-        swept = set() if rehearsal else set(store.measured(target))
+        swept = set() if rehearsal else set(store.finished_sweeps(target))
     else:
         backend, gpu, swept = source_env.attention_backend, target_gpu, set()
     cands, signatures = candidates(store, source, backend, swept)

@@ -327,7 +327,7 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO sweeps VALUES (?,?,?,?,?)",
                             (sig_hash, env_id, gpu_seconds, points, now()))
 
-    def measured(self, env_name: str) -> dict[str, float]:
+    def finished_sweeps(self, env_name: str) -> dict[str, float]:
         """Signatures with a finished sweep usable in `env_name`, with the GPU-seconds that sweep cost."""
         env_id, same_base = self._same_machine(env_name)
         rows = self.db.execute(
