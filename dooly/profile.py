@@ -98,7 +98,7 @@ class Sweeper:
             self.on_point()
             return None
         stats = timing.stats()
-        self.store.record(sig.hash, self.env, point, stats, timing.wall_s)
+        self.store.record(sig.hash, self.env, point, stats, timing.gpu_s)
         self.spread[key] = stats.p90_us - stats.min_us
         self.on_point()
         return stats.median_us

@@ -225,7 +225,7 @@ def fake_timer(monkeypatch):
 
     def measure(make_inputs, run, device):
         devices.append(device)
-        return timer.Timing([10.0] * 5, launches=1, copies=1, graph=True, wall_s=0.0)
+        return timer.Timing([10.0] * 5, launches=1, copies=1, graph=True, gpu_s=0.0)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(timer, "measure", measure)

@@ -38,7 +38,7 @@ class Timing:
     launches: int  # launches per replay
     copies: int  # input sets rotated through
     graph: bool  # timed as a CUDA graph (False: eager loop)
-    wall_s: float  # device time this point cost the profiler
+    gpu_s: float  # device time this point cost the profiler
 
     def stats(self):
         from ..store import Stats
