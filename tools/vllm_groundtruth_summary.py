@@ -1,9 +1,12 @@
 """What vLLM's ground truth on the GPU says before any prediction: per mode and model, how many step compositions
 repeat, the engine's own spread over them, median decode and prefill steps; and, for one model measured in
 several modes, each mode's step time over the default's (compiled + CUDA graphs, FLASH_ATTN) on the same
-compositions; and full 2,048-token steps by the SM clock the GPU ran them at (files that sampled it).
+compositions; full 2,048-token steps by the SM clock the GPU ran them at (files that sampled it); and, in files
+that stamped it, each step's lead to the model's first kernel, on the GPU and on the host, for steps that started
+on an idle GPU and steps launched while the last one ran.
 
     python tools/vllm_groundtruth_summary.py [--groundtruth data/groundtruth/vllm] [--model llama-3.1-8b]
+    python tools/vllm_groundtruth_summary.py --groundtruth data/host/vllm-lead-h200 --leads
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from dooly.vllm_validate import started_idle
 
 DEFAULT = "flash_attn"
 
@@ -58,12 +63,39 @@ def clocked_full_steps(truth: dict, tokens: int = 2048) -> dict[str, list[tuple[
     return out
 
 
+def lead_table(paths: list[Path]) -> Table:
+    table = Table(title="A step's lead from execute_model to the model's first kernel (medians)")
+    for col in ("model", "steps", "started", "count", "on the GPU", "on the host", "step"):
+        table.add_column(col, justify="left" if col in ("model", "steps", "started") else "right")
+    for path in paths:
+        truth = json.loads(path.read_text())
+        groups: dict[tuple[str, bool], list[tuple[float, float, float]]] = defaultdict(list)
+        for trace in truth["traces"].values():
+            for run in trace["runs"]:
+                steps = run["steps"]
+                if not steps or steps[0].get("lead_s") is None:
+                    continue
+                for step, idle in zip(steps, started_idle(steps)):
+                    queries = tuple(step["queries"])
+                    size = "decode" if max(queries) == 1 else "2,048 tokens" if sum(queries) >= 2048 else "other"
+                    groups[size, idle].append((step["lead_s"], step["host_lead_s"], step["forward_s"]))
+        for (size, idle), rows in sorted(groups.items()):
+            ms = lambda i: f"{statistics.median(r[i] for r in rows) * 1e3:.2f} ms"  # noqa: E731
+            table.add_row(truth["model"], size, "idle GPU" if idle else "GPU busy", str(len(rows)), ms(0), ms(1),
+                          ms(2))
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groundtruth", type=Path, default=Path("data/groundtruth/vllm"))
     parser.add_argument("--model", default="llama-3.1-8b", help="the model compared across modes")
+    parser.add_argument("--leads", action="store_true", help="only the table of each step's lead")
     args = parser.parse_args()
     console = Console()
+    if args.leads:
+        console.print(lead_table(sorted(args.groundtruth.glob("*.json"))))
+        return
     table = Table(title="vLLM on the GPU: the engine's own repeatability")
     for col in ("mode", "model", "compositions (>=3 runs)", "spread (median)", "decode step", "prefill step"):
         table.add_column(col, justify="left" if col in ("mode", "model") else "right")
