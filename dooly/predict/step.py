@@ -16,7 +16,8 @@ Everything is vectorised over batches: thousands of recorded steps predict in on
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -96,6 +97,27 @@ class Step:
     plan_us: float
 
 
+@dataclass
+class OpGroup:
+    """The IR's ops of one signature at the same sizes under the same condition: predicted once, counted for all."""
+
+    signature: Signature
+    axes: tuple[str, ...]
+    sizes: Callable[[dict], tuple]  # the axes' values from the step's (or the request's) symbols
+    per: str
+    when: When | None
+    count: float = 0.0
+    sites: dict[tuple[str, str], float] = field(default_factory=dict)  # count per (op, scope): the op breakdown
+
+
+def runs(when: When | None, reads):
+    """Whether the engine runs an op of condition `when` in steps that read past keys (`reads`) or not: a bool, or
+    an array of them for an array of steps."""
+    if when is When.PAST_KEYS:
+        return reads
+    return np.logical_not(reads) if when is When.NO_PAST_KEYS else True
+
+
 MEMO_BLOCK = 256
 
 
@@ -105,20 +127,20 @@ class Predictor:
         self.graph, self.ops, self.host = graph, ops, host
         scale = 1.0 if layers is None else layers / graph.meta.layers
         self.window = graph.meta.sliding_window or 0
-        groups: dict[tuple, list] = {}
-        terms: dict[tuple, list] = {}
+        groups: dict[tuple, OpGroup] = {}
+        terms: dict[tuple, list[OpGroup]] = {}
         for u in uses(graph, backend):
             op = graph.ops[u.op_index]
             count = u.count * scale if "layers.*" in op.scope else u.count
             key = (u.signature.hash, tuple(sorted(u.binding.items())), u.per, u.when)
             if key not in groups:
-                groups[key] = [u.signature, tuple(u.binding), evaluator(tuple(u.binding.values())), u.per, u.when,
-                               0.0, {}]
+                groups[key] = OpGroup(u.signature, tuple(u.binding), evaluator(tuple(u.binding.values())), u.per,
+                                      u.when)
                 needs = tuple(sorted(set().union(*map(names, u.binding.values()))))
                 terms.setdefault((u.per, u.when, needs), []).append(groups[key])
-            groups[key][5] += count
-            sites = groups[key][6]  # the ops sharing the signature and sizes, for the per-op breakdown
-            sites[(op.name, op.scope)] = sites.get((op.name, op.scope), 0.0) + count
+            group = groups[key]
+            group.count += count
+            group.sites[(op.name, op.scope)] = group.sites.get((op.name, op.scope), 0.0) + count
         self.groups = list(groups.values())
         # `step`'s memo: the GPU time of all groups that read the same symbols, keyed by their values
         self.terms = [(per, when, needs, members, {}) for (per, when, needs), members in terms.items()]
@@ -144,20 +166,23 @@ class Predictor:
         batch), ops the engine runs only when some request has past keys, or only when none has, count only then.
         Each group's share goes to `ops` when given."""
         gpu = np.zeros(n)
-        for sig, axes, binding, per, when, count, sites in groups:
-            env = request if per == "request" else step
-            m = len(request["q"]) if per == "request" else n
-            values = {axis: np.broadcast_to(np.asarray(v, dtype=np.int64), (m,)) for axis, v in zip(axes, binding(env))}
+        for group in groups:
+            per_request = group.per == "request"
+            env = request if per_request else step
+            m = len(request["q"]) if per_request else n
+            values = {axis: np.broadcast_to(np.asarray(v, dtype=np.int64), (m,))
+                      for axis, v in zip(group.axes, group.sizes(env))}
+            sig = group.signature
             us, beyond, _ = self.ops.predict(sig, values or {"_": np.zeros(m, dtype=np.int64)})
             if beyond.any():
                 self.extrapolated.add(f"{sig.op} ({sig.hash[:8]}) beyond its measured grid")
-            if per == "request" and batch is not None:
+            if per_request and batch is not None:
                 us = np.bincount(batch, weights=us, minlength=n)
-            if reads is not None and when:
-                us = us * (reads if when is When.PAST_KEYS else ~reads)
-            gpu += count * us
+            if reads is not None and group.when:
+                us = us * runs(group.when, reads)
+            gpu += group.count * us
             if ops is not None:
-                ops += [(name, scope, n, n * us) for (name, scope), n in sites.items()]
+                ops += [(name, scope, count, count * us) for (name, scope), count in group.sites.items()]
         return gpu
 
     def predict(self, batches: list[list[tuple[int, int]]] | Batches) -> Prediction:
@@ -192,7 +217,7 @@ class Predictor:
         reads = values["K"] > values["T"]
         gpu = 0.0
         for per, when, needs, members, memo in self.terms:
-            if (when is When.PAST_KEYS and not reads) or (when is When.NO_PAST_KEYS and reads):
+            if not runs(when, reads):
                 continue
             rows = batch if per == "request" else [tuple(values[s] for s in needs)]
             missing = {r for r in rows if r not in memo}
