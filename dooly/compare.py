@@ -34,8 +34,8 @@ def step_rows(predictors: list, batch: list[tuple[int, int]]) -> dict:
             ops.setdefault((row["op"], row["scope"]), [0.0, 0.0])[side] += row["us"]
     rows = [{"op": op, "scope": scope, "us": us} for (op, scope), us in ops.items()]
     return {"ops": sorted(rows, key=lambda r: -max(r["us"])),
-            "total_us": [float(p.total_us[0]) for p in predictions],
-            "gpu_us": [float(p.gpu_us[0]) for p in predictions],
+            "total_us": [float(p.parts.total_us[0]) for p in predictions],
+            "gpu_us": [float(p.parts.gpu_us[0]) for p in predictions],
             "extrapolated": sorted({e for p in predictions for e in p.extrapolated})}
 
 

@@ -39,7 +39,7 @@ def test_step_side_by_side_matches_each_environments_prediction(compared):
     assert mm and all(r["us"][0] == r["us"][1] for r in mm)  # and share their GEMM measurements
     env = resolve_environment(store, "sdpa-efficient")
     assert result["sides"][1]["environment"] == env
-    assert load_predictor(graph, store, env).predict([parse_batch(BATCH)]).total_us[0] == pytest.approx(
+    assert load_predictor(graph, store, env).predict([parse_batch(BATCH)]).parts.total_us[0] == pytest.approx(
         result["step"]["total_us"][1], rel=1e-6)
 
 

@@ -93,7 +93,7 @@ def test_step_gpu_time_is_the_sum_of_the_ops_at_their_sizes(fake):
     for i, batch in enumerate(BATCHES):
         # exact but for prefill attention (keys == queries) between two query lines, where the upper line's first
         # point has more keys than asked (grids keep keys >= queries); any op missed or doubled costs >= 3 µs
-        assert p.gpu_us[i] == pytest.approx(expected_gpu_us(graph, batch), rel=1e-4)
+        assert p.parts.gpu_us[i] == pytest.approx(expected_gpu_us(graph, batch), rel=1e-4)
     assert not p.extrapolated
 
 
@@ -104,8 +104,8 @@ def test_the_fast_single_step_path_agrees_with_the_vectorised_one(fake):
                 (rng.choice([1, 1, rng.randint(2, 700)]) for _ in range(rng.randint(1, 12)))] for _ in range(60)]
     p = predictor.predict(batches)
     for _ in range(2):  # the second pass answers from the memo
-        got = [predictor.step(b).gpu_us for b in batches]
-        assert got == pytest.approx(list(p.gpu_us), rel=1e-9)
+        got = [predictor.step(b).parts.gpu_us for b in batches]
+        assert got == pytest.approx(list(p.parts.gpu_us), rel=1e-9)
 
 
 def test_predictions_beyond_the_grid_say_so(fake):

@@ -3,12 +3,14 @@ engine's settings do to a step, the engine's cache sizing, and `dooly simulate`.
 
 import json
 
+import numpy as np
 import pytest
 from helpers import ROOT, dooly
 
 from dooly.config import load_config
 from dooly.errors import DoolyError
-from dooly.predict.step import Step
+from dooly.predict.host import HostModel
+from dooly.predict.step import Forward, Step, compose_step
 from dooly.sim import (
     ContinuousBatching,
     Knobs,
@@ -98,14 +100,18 @@ def test_workload_parsing(tmp_path):
             load_trace(trace)
 
 
+FAKE_HOST = HostModel(prepare=np.array([1_000.0, 0, 0, 0, 0]), launch=np.zeros(2), update=np.zeros(2),
+                      plan_us=5_000.0, step_extra=0.0, rows=0)
+
+
 class FakePredictor:
-    """Every step: 10 ms of GPU, 1 ms of host, a 5 ms plan stall for each attention shape."""
+    """Every step: 10 ms of GPU, 1 ms of host, a 5 ms plan stall for each attention shape new to the engine."""
 
-    host = None
-
-    def step(self, batch):
+    def step(self, batch, planned=frozenset(), forward=Forward.EAGER, overlap_host=False):
         shapes = {(sum(q for q, _ in batch), sum(k for _, k in batch))}
-        return Step(10_000.0, 10_000.0 + 5_000.0 * len(shapes), 1_000.0, shapes, 5_000.0)
+        parts = compose_step(FAKE_HOST, 10_000.0, 0.0, len(shapes - planned), len(batch), 0, 0, 1, forward,
+                             overlap_host)
+        return Step(parts, shapes)
 
 
 def test_attention_plans_are_paid_once_per_shape_and_run():

@@ -80,11 +80,10 @@ def breakdown(p, i: int) -> list[dict]:
         row[0] += count
         row[1] += float(us[i])
     rows = [{"op": name, "scope": scope, "count": round(c, 3), "us": us} for (name, scope), (c, us) in ops.items()]
-    plans = p.plan_us * len(p.shapes[i])
-    host = {"prepare batch": p.prepare_us[i], "attention plans": plans,
-            "launch-bound": p.forward_us[i] - plans - p.gpu_us[i],
-            "read back tokens": p.update_us[i],
-            "rest of step": p.total_us[i] - p.prepare_us[i] - p.forward_us[i] - p.update_us[i]}
+    parts = p.parts
+    host = {"prepare batch": parts.prepare_us[i], "attention plans": parts.plans_us[i],
+            "launch-bound": parts.launch_bound_us[i], "read back tokens": parts.update_us[i],
+            "rest of step": parts.rest_us[i]}
     rows += [{"op": what, "scope": "host", "count": 1, "us": float(us)} for what, us in host.items() if us > 0]
     return sorted(rows, key=lambda r: -r["us"])
 
@@ -169,7 +168,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         print(f"warning: {env} has no host calibration: GPU time only", file=sys.stderr)
     if args.json:
         for i in range(b.n):
-            print(json.dumps({"total_us": float(p.total_us[i]), "gpu_us": float(p.gpu_us[i]),
+            print(json.dumps({"total_us": float(p.parts.total_us[i]), "gpu_us": float(p.parts.gpu_us[i]),
                               "ops": breakdown(p, i)}))
         return 0
     from rich.console import Console
@@ -183,21 +182,22 @@ def predict_main(argv: list[str] | None = None) -> int:
         step, _ = predictor.symbols(b)
         for i in range(b.n):
             table.add_row(str(i), str(step["R"][i]), str(step["T"][i]), str(step["K"][i]),
-                          f"{p.gpu_us[i] / 1e3:.3f}", f"{p.total_us[i] / 1e3:.3f}")
+                          f"{p.parts.gpu_us[i] / 1e3:.3f}", f"{p.parts.total_us[i] / 1e3:.3f}")
         console.print(table)
-        console.print(f"mean step {np.mean(p.total_us) / 1e3:.3f} ms")
+        console.print(f"mean step {np.mean(p.parts.total_us) / 1e3:.3f} ms")
         return 0
     rows = breakdown(p, 0)
+    total_us = p.parts.total_us[0]
     table = Table(title=f"{graph.model}: one step of {len(batches[0])} requests, {int(b.queries.sum())} tokens",
                   caption=env)
     for col in ("op", "scope", "count", "µs", "share"):
         table.add_column(col, justify="left" if col in ("op", "scope") else "right", overflow="fold")
     for r in rows[:args.top]:
-        table.add_row(r["op"], r["scope"], f"{r['count']:g}", f"{r['us']:.1f}", f"{100 * r['us'] / p.total_us[0]:.1f}%")
+        table.add_row(r["op"], r["scope"], f"{r['count']:g}", f"{r['us']:.1f}", f"{100 * r['us'] / total_us:.1f}%")
     if len(rows) > args.top:
         rest = sum(r["us"] for r in rows[args.top:])
-        table.add_row(f"({len(rows) - args.top} more)", "", "", f"{rest:.1f}", f"{100 * rest / p.total_us[0]:.1f}%")
+        table.add_row(f"({len(rows) - args.top} more)", "", "", f"{rest:.1f}", f"{100 * rest / total_us:.1f}%")
     console.print(table)
-    console.print(f"total {p.total_us[0] / 1e3:.3f} ms (GPU {p.gpu_us[0] / 1e3:.3f} ms; the rest is the engine's "
+    console.print(f"total {total_us / 1e3:.3f} ms (GPU {p.parts.gpu_us[0] / 1e3:.3f} ms; the rest is the engine's "
                   f"host time, with a plan stall for each attention shape new to the engine)")
     return 0

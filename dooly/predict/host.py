@@ -9,6 +9,8 @@
     update  = a + b*R                                             reading the new tokens back
     step    = forward + g                                         the rest of the engine's generation step
 
+`dooly.predict.step.compose_step` puts a step together from them.
+
 `p` is the median of the first calls `dooly.bench.host.first_calls` measured, over all head configurations
 together, leaving out the calls that also compiled a kernel, which a serving process has long done. Pooled,
 because the cost is not the head configuration's: it comes in spells whatever the heads, so the few calls of one
@@ -46,11 +48,11 @@ class HostModel:
     def launch_us(self, kernels):
         return self.launch @ np.array([np.ones_like(kernels), kernels], dtype=np.float64)
 
-    def forward_us(self, kernels, shapes, gpu_us, plan_us: float):
-        return plan_us * shapes + np.maximum(self.launch_us(kernels), gpu_us)
-
     def update_us(self, R):
         return self.update @ np.array([np.ones_like(R), R], dtype=np.float64)
+
+
+NO_HOST = HostModel(np.zeros(5), np.zeros(2), np.zeros(2), 0.0, 0.0, 0)  # an environment without host calibration
 
 
 def _nonneg_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -16,7 +16,10 @@ Everything is vectorised over batches: thousands of recorded steps predict in on
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +29,7 @@ from ..ir.expr import evaluator, names
 from ..ir.graph import Graph, When
 from ..limits import Limits
 from ..passes.canonicalize import Signature, uses
-from .host import HostModel
+from .host import NO_HOST, HostModel
 from .opmodel import Extrapolation, OpModel
 
 
@@ -71,15 +74,63 @@ class Batches:
         return np.bincount(self.batch, weights=values, minlength=self.n)
 
 
+Times = Any  # µs: a number for one step, an array of one per step for many (a number stands for every step)
+
+REPLAY_US = 30.0  # the host launching a captured CUDA graph
+
+
+class Forward(Enum):
+    """How the engine runs a step's forward."""
+
+    EAGER = "eager"  # launched from Python op by op, after a plan for each attention shape new to the engine
+    CAPTURE = "capture"  # a CUDA graph's first step at its padded shape: run eagerly twice (warm-up, capture), replayed
+    REPLAY = "replay"  # a captured graph replayed: no Python launches, no attention plans
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """Where the time of a step goes (µs). The launch-bound and graph parts are what the forward leaves once its GPU
+    work and plans are taken, and the rest of the step what the total leaves once the host's work and the forward
+    are taken: the parts add up to the total."""
+
+    gpu_us: Times  # the forward's GPU work
+    plans_us: Times  # the host stalling while cuDNN builds a plan for each attention shape new to the engine
+    launch_bound_us: Times  # the forward's Python launches outlasting its GPU work
+    graph_us: Times  # launching a captured CUDA graph, and capturing it on its first step
+    prepare_us: Times  # the host preparing the batch
+    update_us: Times  # the host reading the new tokens back
+    rest_us: Times  # the rest of the engine's generation step
+    forward_us: Times
+    total_us: Times
+
+
+def compose_step(host: HostModel, gpu_us: Times, kernels: Times, new_shapes: Times, requests: Times, tokens: Times,
+                 keys: Times, attention_types: int, forward: Forward = Forward.EAGER,
+                 overlap_host: bool = False) -> StepParts:
+    """The time of a step from its forward's GPU work, the kernels the forward launches, how many of its attention
+    shapes are new to the engine, and its requests, tokens and keys (numbers, or arrays of one per step). With
+    `overlap_host` (async batching) the host prepares a step while the GPU runs the one before."""
+    new_plans = host.plan_us * new_shapes
+    eager = new_plans + np.maximum(host.launch_us(kernels), gpu_us)
+    if forward is Forward.EAGER:
+        forward_us, plans, graph = eager, new_plans, 0.0
+        launch_bound = forward_us - plans - gpu_us
+    else:
+        replayed = gpu_us + REPLAY_US
+        forward_us = replayed + 2 * eager if forward is Forward.CAPTURE else replayed
+        plans, launch_bound, graph = 0.0, 0.0, forward_us - gpu_us
+    prepare, update = host.prepare_us(requests, tokens, keys, attention_types), host.update_us(requests)
+    if overlap_host:
+        total = np.maximum(prepare + update, forward_us) + host.step_extra
+    else:
+        total = prepare + forward_us + host.step_extra + update
+    return StepParts(gpu_us, plans, launch_bound, graph, prepare, update, total - prepare - forward_us - update,
+                     forward_us, total)
+
+
 @dataclass
 class Prediction:
-    total_us: np.ndarray  # each step, assuming its attention shapes are new to the engine (see `shapes`)
-    gpu_us: np.ndarray
-    forward_us: np.ndarray
-    prepare_us: np.ndarray
-    launch_us: np.ndarray
-    update_us: np.ndarray
-    plan_us: float  # host stall for each attention shape the serving thread has not seen yet
+    parts: StepParts  # arrays, one per batch, every attention shape of a step taken as new to the engine
     shapes: list[set]  # the attention shapes of each step
     ops: list[tuple[str, str, int, np.ndarray]]  # (op, scope, count, µs per batch)
     extrapolated: list[str]
@@ -87,13 +138,31 @@ class Prediction:
 
 @dataclass
 class Step:
-    """One batch's prediction, as `Predictor.step` gives it (µs)."""
+    """One batch's prediction, as `Predictor.step` gives it."""
 
-    gpu_us: float
-    forward_us: float  # includes a plan stall for every attention shape of the step
-    host_us: float  # batch preparation and token read-back
-    shapes: set
-    plan_us: float
+    parts: StepParts
+    shapes: set  # the step's attention shapes
+
+
+@dataclass
+class OpGroup:
+    """The IR's ops of one signature at the same sizes under the same condition: predicted once, counted for all."""
+
+    signature: Signature
+    axes: tuple[str, ...]
+    sizes: Callable[[dict], tuple]  # the axes' values from the step's (or the request's) symbols
+    per: str
+    when: When | None
+    count: float = 0.0
+    sites: dict[tuple[str, str], float] = field(default_factory=dict)  # count per (op, scope): the op breakdown
+
+
+def runs(when: When | None, reads):
+    """Whether the engine runs an op of condition `when` in steps that read past keys (`reads`) or not: a bool, or
+    an array of them for an array of steps."""
+    if when is When.PAST_KEYS:
+        return reads
+    return np.logical_not(reads) if when is When.NO_PAST_KEYS else True
 
 
 MEMO_BLOCK = 256
@@ -105,27 +174,26 @@ class Predictor:
         self.graph, self.ops, self.host = graph, ops, host
         scale = 1.0 if layers is None else layers / graph.meta.layers
         self.window = graph.meta.sliding_window or 0
-        groups: dict[tuple, list] = {}
-        terms: dict[tuple, list] = {}
+        groups: dict[tuple, OpGroup] = {}
+        terms: dict[tuple, list[OpGroup]] = {}
         for u in uses(graph, backend):
             op = graph.ops[u.op_index]
             count = u.count * scale if "layers.*" in op.scope else u.count
             key = (u.signature.hash, tuple(sorted(u.binding.items())), u.per, u.when)
             if key not in groups:
-                groups[key] = [u.signature, tuple(u.binding), evaluator(tuple(u.binding.values())), u.per, u.when,
-                               0.0, {}]
+                groups[key] = OpGroup(u.signature, tuple(u.binding), evaluator(tuple(u.binding.values())), u.per,
+                                      u.when)
                 needs = tuple(sorted(set().union(*map(names, u.binding.values()))))
                 terms.setdefault((u.per, u.when, needs), []).append(groups[key])
-            groups[key][5] += count
-            sites = groups[key][6]  # the ops sharing the signature and sizes, for the per-op breakdown
-            sites[(op.name, op.scope)] = sites.get((op.name, op.scope), 0.0) + count
+            group = groups[key]
+            group.count += count
+            group.sites[(op.name, op.scope)] = group.sites.get((op.name, op.scope), 0.0) + count
         self.groups = list(groups.values())
         # `step`'s memo: the GPU time of all groups that read the same symbols, keyed by their values
         self.terms = [(per, when, needs, members, {}) for (per, when, needs), members in terms.items()]
         self.layer_scale = scale
         self.keys = attention_keys(graph)
         self.kernels = KernelCount.of(graph, backend)
-        self.plan_us = host.plan_us if host else 0.0
         self.extrapolated: set[str] = set()
 
     def symbols(self, b: Batches) -> tuple[dict, dict]:
@@ -144,20 +212,23 @@ class Predictor:
         batch), ops the engine runs only when some request has past keys, or only when none has, count only then.
         Each group's share goes to `ops` when given."""
         gpu = np.zeros(n)
-        for sig, axes, binding, per, when, count, sites in groups:
-            env = request if per == "request" else step
-            m = len(request["q"]) if per == "request" else n
-            values = {axis: np.broadcast_to(np.asarray(v, dtype=np.int64), (m,)) for axis, v in zip(axes, binding(env))}
+        for group in groups:
+            per_request = group.per == "request"
+            env = request if per_request else step
+            m = len(request["q"]) if per_request else n
+            values = {axis: np.broadcast_to(np.asarray(v, dtype=np.int64), (m,))
+                      for axis, v in zip(group.axes, group.sizes(env))}
+            sig = group.signature
             us, beyond, _ = self.ops.predict(sig, values or {"_": np.zeros(m, dtype=np.int64)})
             if beyond.any():
                 self.extrapolated.add(f"{sig.op} ({sig.hash[:8]}) beyond its measured grid")
-            if per == "request" and batch is not None:
+            if per_request and batch is not None:
                 us = np.bincount(batch, weights=us, minlength=n)
-            if reads is not None and when:
-                us = us * (reads if when is When.PAST_KEYS else ~reads)
-            gpu += count * us
+            if reads is not None and group.when:
+                us = us * runs(group.when, reads)
+            gpu += group.count * us
             if ops is not None:
-                ops += [(name, scope, n, n * us) for (name, scope), n in sites.items()]
+                ops += [(name, scope, count, count * us) for (name, scope), count in group.sites.items()]
         return gpu
 
     def predict(self, batches: list[list[tuple[int, int]]] | Batches) -> Prediction:
@@ -168,22 +239,16 @@ class Predictor:
         ops: list = []
         gpu = self._gpu(self.groups, b.n, step, request, b.batch, step["K"] > step["T"], ops)
         shapes = [{(int(t), int(step[key][i])) for key in self.keys} for i, t in enumerate(step["T"])]
-        extrapolated = sorted(self.extrapolated)
-        if self.host is None:
-            zero = np.zeros(b.n)
-            return Prediction(gpu, gpu, gpu, zero, zero, zero, 0.0, shapes, ops, extrapolated)
-        kernels = self.kernels(step["R"], step["K"] > step["T"]) * self.layer_scale
-        launch = self.host.launch_us(kernels)
-        forward = self.host.forward_us(kernels, np.array([len(x) for x in shapes]), gpu, self.plan_us)
-        prepare = self.host.prepare_us(step["R"].astype(float), step["T"].astype(float), step["K"].astype(float),
-                                       self.kernels.types)
-        update = self.host.update_us(step["R"].astype(float))
-        total = prepare + forward + self.host.step_extra + update
-        return Prediction(total, gpu, forward, prepare, launch, update, self.plan_us, shapes, ops, extrapolated)
+        parts = compose_step(self.host or NO_HOST, gpu, self._launches(step["R"], step["K"] > step["T"]),
+                             np.array([len(x) for x in shapes]), step["R"].astype(float), step["T"].astype(float),
+                             step["K"].astype(float), self.kernels.types)
+        return Prediction(parts, shapes, ops, sorted(self.extrapolated))
 
-    def step(self, batch: list[tuple[int, int]]) -> Step:
+    def step(self, batch: list[tuple[int, int]], planned: set | frozenset = frozenset(),
+             forward: Forward = Forward.EAGER, overlap_host: bool = False) -> Step:
         """One valid batch (as a scheduler makes them; `Batches.of` checks user input), fast: what a simulator asks
-        at every step. The ops reading the same symbols are predicted
+        at every step, on an engine that has built the plans of the attention shapes `planned` and runs the forward
+        as `forward`, overlapping the host's work with the GPU's or not. The ops reading the same symbols are predicted
         together and remembered by the symbols' values, a block of `MEMO_BLOCK` key counts at a time (keys grow
         step by step as requests decode); attention by each request's (queries, keys)."""
         queries, keys = np.array(batch, dtype=np.int64).T
@@ -192,7 +257,7 @@ class Predictor:
         reads = values["K"] > values["T"]
         gpu = 0.0
         for per, when, needs, members, memo in self.terms:
-            if (when is When.PAST_KEYS and not reads) or (when is When.NO_PAST_KEYS and reads):
+            if not runs(when, reads):
                 continue
             rows = batch if per == "request" else [tuple(values[s] for s in needs)]
             missing = {r for r in rows if r not in memo}
@@ -200,13 +265,14 @@ class Predictor:
                 self._remember(per, needs, members, memo, missing)
             gpu += sum(memo[r] for r in rows)
         shapes = {(values["T"], values[key]) for key in self.keys}
-        if self.host is None:
-            return Step(gpu, gpu, 0.0, shapes, 0.0)
-        h, R = self.host, float(values["R"])
-        kernels = float(self.kernels(R, reads)) * self.layer_scale
-        forward = float(h.forward_us(kernels, len(shapes), gpu, self.plan_us))
-        host = float(h.prepare_us(R, float(values["T"]), float(values["K"]), self.kernels.types) + h.update_us(R))
-        return Step(gpu, forward, host, shapes, self.plan_us)
+        R = float(values["R"])
+        parts = compose_step(self.host or NO_HOST, gpu, self._launches(R, reads), len(shapes - planned), R,
+                             float(values["T"]), float(values["K"]), self.kernels.types, forward, overlap_host)
+        return Step(parts, shapes)
+
+    def _launches(self, requests, reads):
+        """Kernels the forward launches, scaled as the model's layers are."""
+        return self.kernels(requests, reads) * self.layer_scale
 
     def _remember(self, per: str, needs: tuple, members: list, memo: dict, missing: set) -> None:
         names = ("q", "k") if per == "request" else needs
@@ -255,4 +321,5 @@ def load_predictor(graph: Graph, store, env: str, layers: int | None = None) -> 
     return Predictor(graph, ops, host, environment.attention_backend, layers)
 
 
-__all__ = ["Batches", "Extrapolation", "Prediction", "Predictor", "Signature", "Step", "load_predictor"]
+__all__ = ["Batches", "Extrapolation", "Forward", "Prediction", "Predictor", "Signature", "Step", "StepParts",
+           "compose_step", "load_predictor"]

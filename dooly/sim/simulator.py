@@ -22,11 +22,9 @@ import numpy as np
 
 from ..errors import DoolyError
 from ..limits import LIMITS
-from ..predict.step import Predictor, Step
+from ..predict.step import Forward, Predictor, Step
 from .schedulers import Scheduled
 from .workload import Request
-
-REPLAY_US = 30.0  # launching a captured graph
 
 
 @dataclass
@@ -56,27 +54,26 @@ class StepTime:
         padded = batch + ([(extra_q, extra_q + extra_k)] if extra_q else [])
         return padded, (t_pad, read_pad)
 
+    def step(self, batch: list[tuple[int, int]]) -> Step:
+        """The prediction of a step serving `batch` [(query tokens, keys)] as this run's engine serves it."""
+        k = self.knobs
+        if k.use_cuda_graph:
+            padded, shape = self._padded(batch)
+            forward = Forward.REPLAY if shape in self.graphs else Forward.CAPTURE
+            self.graphs.add(shape)
+            return self.predictor.step(padded, forward=forward, overlap_host=k.use_async_batching)
+        step = self.predictor.step(batch, self.plans, overlap_host=k.use_async_batching)
+        self.plans |= step.shapes
+        return step
+
     def forward_us(self, batch: list[tuple[int, int]]) -> tuple[float, Step]:
         """The forward of a step (µs), and the prediction it came from."""
-        if self.knobs.use_cuda_graph:
-            padded, shape = self._padded(batch)
-            p = self.predictor.step(padded)
-            forward = p.gpu_us + REPLAY_US
-            if shape not in self.graphs:  # first time: the engine runs it eagerly, then captures it
-                self.graphs.add(shape)
-                forward += 2 * p.forward_us
-            return forward, p
-        p = self.predictor.step(batch)
-        seen = len(p.shapes & self.plans)
-        self.plans |= p.shapes
-        return p.forward_us - p.plan_us * seen, p
+        step = self.step(batch)
+        return step.parts.forward_us, step
 
     def __call__(self, batch: list[tuple[int, int]]) -> float:
         """Seconds the engine spends on a step serving `batch` [(query tokens, keys)]."""
-        forward, p = self.forward_us(batch)
-        extra = self.predictor.host.step_extra if self.predictor.host else 0.0
-        us = max(p.host_us, forward) + extra if self.knobs.use_async_batching else p.host_us + forward + extra
-        return us * 1e-6
+        return self.step(batch).parts.total_us * 1e-6
 
 
 @dataclass

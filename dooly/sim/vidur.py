@@ -80,8 +80,8 @@ def model_fields(graph) -> dict:
 
 def _per_layer(p, layers: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Each Vidur op's µs per layer in each batch, and the µs of ops Vidur has no column for."""
-    out = {op: np.zeros(len(p.gpu_us)) for op in (*MLP_OPS, "attention", "attn_kv_cache_save")}
-    left_out = np.zeros(len(p.gpu_us))
+    out = {op: np.zeros(len(p.parts.gpu_us)) for op in (*MLP_OPS, "attention", "attn_kv_cache_save")}
+    left_out = np.zeros(len(p.parts.gpu_us))
     for name, scope, _, us in p.ops:
         vidur_op = role(scope, name)
         if vidur_op is None:
@@ -137,6 +137,6 @@ def export(graph, predictor, out: Path, block_size: int = 256) -> dict:
     model = {"name": graph.model, "num_layers": layers, **fields, "max_model_len": CONTEXTS[-1],
              "block_size": block_size}
     (out / "model.json").write_text(json.dumps(model, indent=1))
-    share = float(np.mean(left_out / p.gpu_us))
+    share = float(np.mean(left_out / p.parts.gpu_us))
     return {"mlp_rows": len(mlp_rows), "attention_rows": len(attention_rows), "left_out_share": share,
             "extrapolated": sorted(set(p.extrapolated) | set(a.extrapolated))}
