@@ -83,8 +83,9 @@ def op_kind(sig: Signature) -> tuple:
     dtypes, its attributes (sinks, causality, reduction dims)."""
     c = sig.canonical
     layout = lambda ts: tuple((len(t["shape"]), "strides" in t, t["dtype"]) for t in ts)  # noqa: E731
-    return (c["op"], layout(c.get("inputs", [])), layout(c.get("outputs", [])), json.dumps(c.get("attrs"), sort_keys=True),
-            tuple(sorted(c.get("data") or {})), tuple(c.get("operands") or ()))
+    return (c["op"], layout(c.get("inputs", [])), layout(c.get("outputs", [])),
+            json.dumps(c.get("attrs"), sort_keys=True), tuple(sorted(c.get("data") or {})),
+            tuple(c.get("operands") or ()))
 
 
 def test_every_op_kind_of_the_zoo_runs(tmp_path):
