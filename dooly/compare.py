@@ -41,11 +41,11 @@ def step_rows(predictors: list, batch: list[tuple[int, int]]) -> dict:
 
 def serve(predictor, requests, num_blocks: int):
     """The workload in transformers' continuous batching with its default settings."""
-    from .sim import Knobs, StepTime, engine_scheduler, simulate
+    from .sim import EngineSettings, StepTime, engine_scheduler, simulate
 
-    knobs = Knobs()
-    return simulate(requests, engine_scheduler("cb", num_blocks, 256, knobs.max_batch_tokens, 1024),
-                    StepTime(predictor, knobs))
+    engine_settings = EngineSettings()
+    return simulate(requests, engine_scheduler("cb", num_blocks, 256, engine_settings.max_batch_tokens, 1024),
+                    StepTime(predictor, engine_settings))
 
 
 def plot(outcomes: list, labels: list[str], path: Path, title: str) -> Path:

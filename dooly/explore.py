@@ -72,7 +72,7 @@ def build(args, grid: dict) -> tuple[search.Setting, list[search.Config], str]:
     objectives = search.parse_slo(args.slo)
     found = deployments(args.store, grid)
     predictors, cache, configs = {}, {}, []
-    knobs = {a: grid.get(a, search.DEFAULT_GRID.get(a)) for a in search.GRID_AXES[4:]}
+    setting_grid = {a: grid.get(a, search.DEFAULT_GRID.get(a)) for a in search.GRID_AXES[4:]}
     for (gpu, engine, backend), (store, env) in found.items():
         present = tp_degrees(store, env)
         absent = sorted(set(grid.get("tp", [])) - present)
@@ -87,10 +87,12 @@ def build(args, grid: dict) -> tuple[search.Setting, list[search.Config], str]:
             raise DoolyError(f"no memory size known for {env.gpu}: give --gpu-memory-gib")
         for tp in grid.get("tp", sorted(present)):
             predictors[gpu, engine, backend, tp] = load_predictor(cached_compile(cfg, tp=tp), store, env.name)
-            for tokens in knobs["max_tokens"]:  # the cache of one rank holds 1/tp of every block: count tokens
+            # the cache of one rank holds 1/tp of every block: count tokens
+            for tokens in setting_grid["max_tokens"]:
                 if (gpu, tp, tokens) not in cache:
                     cache[gpu, tp, tokens] = cache_size(cfg, memory * tp, 256, tokens).num_blocks * 256
-            configs += search.expand({"gpu": [gpu], "engine": [engine], "backend": [backend], "tp": [tp], **knobs})
+            configs += search.expand({"gpu": [gpu], "engine": [engine], "backend": [backend], "tp": [tp],
+                                      **setting_grid})
     return search.Setting(requests, objectives, predictors, cache), configs, cfg.name
 
 

@@ -186,24 +186,24 @@ def validate_model(truth: dict, graph, store: Store, log=print, max_steps: int =
     """The errors of predicting the ground truth of one model (`graph`, its compiled IR) from the store."""
     from .environment import environment_name
     from .predict import load_predictor
-    from .sim import ContinuousBatching, Knobs, Request, StepTime, simulate
+    from .sim import ContinuousBatching, EngineSettings, Request, StepTime, simulate
 
     name, backend = truth["model"], truth["backend"]
     env = environment_name(store, backend)
     predictor = load_predictor(graph, store, env, truth.get("layers"))
     cb = truth["cb_config"]
     graphs = bool(truth.get("cuda_graphs"))
-    knobs = Knobs(use_cuda_graph=graphs, q_padding_interval_size=cb["q_padding_interval_size"],
+    engine_settings = EngineSettings(use_cuda_graph=graphs, q_padding_interval_size=cb["q_padding_interval_size"],
                   kv_padding_interval_size=cb["kv_padding_interval_size"], max_batch_tokens=cb["max_batch_tokens"],
                   use_async_batching=bool(cb.get("use_async_batching")))
     if graphs:  # the warm-up run captured the graphs: repeats replay them
-        warm = StepTime(predictor, knobs)
+        warm = StepTime(predictor, engine_settings)
         for trace in truth["traces"].values():
             for step in trace["runs"][0]["steps"]:
                 warm.forward_us(list(zip(step["queries"], step["keys"])))
         runs = lambda: copy.deepcopy(warm)  # noqa: E731
     else:
-        runs = lambda: StepTime(predictor, knobs)  # noqa: E731  a fresh engine thread every run
+        runs = lambda: StepTime(predictor, engine_settings)  # noqa: E731  a fresh engine thread every run
     batches, measured, spread, pred = steps_of(truth, runs)
     step_errors = np.abs(pred - measured) / measured
     t_err, p_err, t_spr, p_spr, ttft_pairs, tpot_pairs = [], [], [], [], [], []

@@ -10,7 +10,7 @@ from helpers import ROOT, dooly
 
 from dooly.errors import DoolyError
 from dooly.sim import explore
-from dooly.sim.simulator import Knobs, StepTime, simulate, summary
+from dooly.sim.simulator import EngineSettings, StepTime, simulate, summary
 
 MODEL = ROOT / "configs" / "llama-3.2-1b.json"
 WORKLOAD = "poisson:rate=6,n=60,prompt=lognormal:384:0.6,output=lognormal:48:0.4"
@@ -75,9 +75,10 @@ def test_a_simulation_stopped_once_its_slo_is_lost_agrees_with_the_full_run(ship
     rows = explore.evaluate_all(setting, configs)
     assert {r["meets_slo"] for r in rows} == {True, False}
     for config, row in zip(configs, rows):
-        knobs = Knobs(use_cuda_graph=config.cuda_graphs, max_batch_tokens=config.max_tokens)
+        engine_settings = EngineSettings(use_cuda_graph=config.cuda_graphs, max_batch_tokens=config.max_tokens)
         scheduler = explore.scheduler_for(config, setting.cache_tokens[config.gpu, config.tp, config.max_tokens])
-        full = summary(simulate(setting.requests, scheduler, StepTime(setting.predictors[config.deployment], knobs)))
+        step_time = StepTime(setting.predictors[config.deployment], engine_settings)
+        full = summary(simulate(setting.requests, scheduler, step_time))
         missed = [o.name for o in setting.objectives if o.value(full) > o.limit_ms]
         assert row["meets_slo"] == (not missed)
         if missed:

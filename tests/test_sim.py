@@ -13,7 +13,7 @@ from dooly.predict.host import HostModel
 from dooly.predict.step import Forward, Step, compose_step
 from dooly.sim import (
     ContinuousBatching,
-    Knobs,
+    EngineSettings,
     Request,
     StepTime,
     VLLMv1,
@@ -115,19 +115,19 @@ class FakePredictor:
 
 
 def test_attention_plans_are_paid_once_per_shape_and_run():
-    step = StepTime(FakePredictor(), Knobs())
+    step = StepTime(FakePredictor(), EngineSettings())
     assert step([(1, 10)]) == pytest.approx(0.016)
     assert step([(1, 10)]) == pytest.approx(0.011)  # same shape: the plan is cached
     assert step([(1, 11)]) == pytest.approx(0.016)
-    assert StepTime(FakePredictor(), Knobs())([(1, 10)]) == pytest.approx(0.016)  # a new run starts cold
+    assert StepTime(FakePredictor(), EngineSettings())([(1, 10)]) == pytest.approx(0.016)  # a new run starts cold
 
 
 def test_cuda_graphs_capture_each_padded_shape_once_then_replay():
-    step = StepTime(FakePredictor(), Knobs(use_cuda_graph=True, q_padding_interval_size=64))
+    step = StepTime(FakePredictor(), EngineSettings(use_cuda_graph=True, q_padding_interval_size=64))
     first = step([(1, 10), (1, 20)])
     again = step([(1, 11), (1, 21), (1, 5)])  # pads to the same 64 queries and 16384 keys
     assert first > again == pytest.approx((1_000 + 10_000 + 30) * 1e-6)
-    async_step = StepTime(FakePredictor(), Knobs(use_async_batching=True))
+    async_step = StepTime(FakePredictor(), EngineSettings(use_async_batching=True))
     assert async_step([(1, 10)]) == pytest.approx(0.015)  # host work hides under the forward
 
 

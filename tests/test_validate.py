@@ -9,7 +9,7 @@ from helpers import ROOT, dooly
 
 from dooly.compile import load_model
 from dooly.predict import environment_name, load_predictor
-from dooly.sim import Knobs, StepTime
+from dooly.sim import EngineSettings, StepTime
 from dooly.store import Store
 from dooly.validate import validate_model
 
@@ -24,7 +24,7 @@ def test_step_errors_are_against_each_compositions_median(shipped):
     predictor = load_predictor(graph, store, environment_name(store))
     for trace in truth["traces"].values():
         for run in trace["runs"]:
-            step_time = StepTime(predictor, Knobs())  # each run is a fresh engine thread, as validate replays it
+            step_time = StepTime(predictor, EngineSettings())  # a fresh engine thread each run, as validate replays
             for step in run["steps"]:
                 batch = [(int(q), int(k)) for q, k in zip(step["queries"], step["keys"])]
                 step["forward_s"] = 2e-6 * step_time.forward_us(batch)[0]

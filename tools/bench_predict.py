@@ -37,7 +37,7 @@ def main() -> None:
     from dooly.compile import load_model
     from dooly.config import load_config
     from dooly.predict import Batches, environment_name, load_predictor
-    from dooly.sim import ContinuousBatching, Knobs, StepTime, simulate, synthetic
+    from dooly.sim import ContinuousBatching, EngineSettings, StepTime, simulate, synthetic
     from dooly.sim.transformers_cache import cache_size
     from dooly.store import Store
 
@@ -71,7 +71,7 @@ def main() -> None:
                  "poisson:rate=2,n=10000,prompt=lognormal:512:1,output=lognormal:128:1"):
         requests = synthetic(spec)
         start = time.perf_counter()
-        out = simulate(requests, ContinuousBatching(blocks, 256, 8192, 1024), StepTime(predictor, Knobs()))
+        out = simulate(requests, ContinuousBatching(blocks, 256, 8192, 1024), StepTime(predictor, EngineSettings()))
         seconds = time.perf_counter() - start
         print(f"simulate {spec}: {len(out.steps):,} steps in {seconds:.1f} s (target < 10 s)")
 

@@ -1,8 +1,8 @@
 """Simulators of continuous-batching engines driven by Dooly's step latencies."""
 
 from .schedulers import ContinuousBatching, VLLMv1, engine_scheduler
-from .simulator import Knobs, StepTime, simulate, summary
+from .simulator import EngineSettings, StepTime, simulate, summary
 from .workload import Request, load_trace, synthetic
 
-__all__ = ["ContinuousBatching", "Knobs", "Request", "StepTime", "VLLMv1", "load_trace", "simulate", "summary",
+__all__ = ["ContinuousBatching", "EngineSettings", "Request", "StepTime", "VLLMv1", "load_trace", "simulate", "summary",
            "synthetic", "engine_scheduler"]

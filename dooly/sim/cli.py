@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..predict import environment_name, load_predictor
     from ..store import Store
     from . import (
-        Knobs,
+        EngineSettings,
         StepTime,
         engine_scheduler,
         load_trace,
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         env = environment_name(store, args.backend)
         predictor = load_predictor(graph, store, env)
-        knobs = Knobs(use_cuda_graph=args.cuda_graphs, max_batch_tokens=args.max_batch_tokens,
+        engine_settings = EngineSettings(use_cuda_graph=args.cuda_graphs, max_batch_tokens=args.max_batch_tokens,
                       use_async_batching=args.async_batching)
-        step_time, extrapolated = StepTime(predictor, knobs), predictor.extrapolated
+        step_time, extrapolated = StepTime(predictor, engine_settings), predictor.extrapolated
     block = args.block_size or (256 if args.scheduler == "cb" else 16)
     blocks = args.num_blocks
     if blocks is None:

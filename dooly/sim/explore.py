@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields
 from ..errors import DoolyError
 from ..predict.step import Predictor
 from .schedulers import engine_scheduler
-from .simulator import Knobs, StepTime, simulate, summary
+from .simulator import EngineSettings, StepTime, simulate, summary
 from .workload import Request
 
 METRICS = ("ttft", "tpot", "e2e")
@@ -71,7 +71,7 @@ def parse_slo(text: str) -> list[Objective]:
 
 @dataclass(frozen=True)
 class Config:
-    """One engine configuration: where it runs (GPU, engine, attention backend, TP degree) and its batching knobs."""
+    """One engine configuration: where it runs (GPU, engine, attention backend, TP degree) and its batching settings."""
 
     gpu: str
     engine: str
@@ -198,11 +198,11 @@ def evaluate(setting: Setting, config: Config) -> dict:
     predictor = setting.predictors[config.deployment]
     scheduler = _Watch(scheduler_for(config, setting.cache_tokens[config.gpu, config.tp, config.max_tokens]),
                        setting.requests, setting.objectives)
-    knobs = Knobs(use_cuda_graph=config.cuda_graphs, max_batch_tokens=config.max_tokens,
+    engine_settings = EngineSettings(use_cuda_graph=config.cuda_graphs, max_batch_tokens=config.max_tokens,
                   use_async_batching=config.async_batching)
     row = asdict(config)
     try:
-        outcome = simulate(setting.requests, scheduler, StepTime(predictor, knobs))
+        outcome = simulate(setting.requests, scheduler, StepTime(predictor, engine_settings))
     except Missed as e:
         return row | {"meets_slo": False, "missed": e.objective.name}
     except DoolyError as e:  # this configuration cannot serve the workload (a request outgrows its KV cache)

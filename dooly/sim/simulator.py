@@ -28,7 +28,7 @@ from .workload import Request
 
 
 @dataclass
-class Knobs:
+class EngineSettings:
     use_cuda_graph: bool = False
     q_padding_interval_size: int = 64
     kv_padding_interval_size: int = 16384
@@ -39,13 +39,13 @@ class Knobs:
 class StepTime:
     """Seconds of each step of one serving run (one engine thread: its attention plan cache starts empty)."""
 
-    def __init__(self, predictor: Predictor, knobs: Knobs):
-        self.predictor, self.knobs = predictor, knobs
+    def __init__(self, predictor: Predictor, engine_settings: EngineSettings):
+        self.predictor, self.engine_settings = predictor, engine_settings
         self.graphs: set[tuple[int, int]] = set()
         self.plans: set[tuple[int, int]] = set()
 
     def _padded(self, batch: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
-        k = self.knobs
+        k = self.engine_settings
         t = sum(q for q, _ in batch)
         read = sum(keys for _, keys in batch) - t
         t_pad = min(math.ceil(t / k.q_padding_interval_size) * k.q_padding_interval_size, k.max_batch_tokens)
@@ -56,7 +56,7 @@ class StepTime:
 
     def step(self, batch: list[tuple[int, int]]) -> Step:
         """The prediction of a step serving `batch` [(query tokens, keys)] as this run's engine serves it."""
-        k = self.knobs
+        k = self.engine_settings
         if k.use_cuda_graph:
             padded, shape = self._padded(batch)
             forward = Forward.REPLAY if shape in self.graphs else Forward.CAPTURE
