@@ -110,8 +110,19 @@ def test_the_fast_single_step_path_agrees_with_the_vectorised_one(fake):
 
 def test_predictions_beyond_the_grid_say_so(fake):
     _, _, predictor = fake
-    p = predictor.predict([[(60000, 60000)]])
+    p = predictor.predict([[(60000, 60000)], [(1, 100)]])
     assert p.extrapolated and all("beyond its measured grid" in x for x in p.extrapolated)
+    assert not predictor.predict([[(1, 100)]]).extrapolated  # a batch inside the grid says nothing
+    # the single-step path says it of the step that went beyond, not of the memo's neighbouring rows
+    assert predictor.step([(60000, 60000)]).extrapolated == set(p.extrapolated)
+    assert not predictor.step([(1, 100)]).extrapolated
+    from dooly.sim.simulator import EngineSettings, StepTime
+
+    run = StepTime(predictor, EngineSettings())
+    run([(1, 100)])
+    assert not run.extrapolated
+    run([(60000, 60000)])
+    assert run.extrapolated == set(p.extrapolated)
 
 
 def test_grid_interpolates_between_points_floors_below_and_grows_above():

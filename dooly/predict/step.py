@@ -142,6 +142,7 @@ class Step:
 
     parts: StepParts
     shapes: set  # the step's attention shapes
+    extrapolated: frozenset = frozenset()  # signatures predicted beyond their measured grid
 
 
 @dataclass
@@ -194,7 +195,6 @@ class Predictor:
         self.layer_scale = scale
         self.keys = attention_keys(graph)
         self.kernels = KernelCount.of(graph, backend)
-        self.extrapolated: set[str] = set()
 
     def symbols(self, b: Batches) -> tuple[dict, dict]:
         """Per-batch symbols (T, R, K, Ks) and per-request symbols (q, k)."""
@@ -206,12 +206,15 @@ class Predictor:
         return {k: v.astype(np.int64) for k, v in step.items()}, {"q": b.queries, "k": b.keys}
 
     def _gpu(self, groups: list, n: int, step: dict, request: dict, batch: np.ndarray | None = None,
-             reads: np.ndarray | None = None, ops: list | None = None) -> np.ndarray:
+             reads: np.ndarray | None = None,
+             ops: list | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """GPU µs of `groups` in each of `n` batches, from step symbols (arrays of n) and request symbols (arrays
         over requests, `batch` giving each one's batch; default: one request a batch). With `reads` (K > T per
         batch), ops the engine runs only when some request has past keys, or only when none has, count only then.
-        Each group's share goes to `ops` when given."""
+        Each group's share goes to `ops` when given. Also the batches each signature was predicted beyond its
+        measured grid in, by warning."""
         gpu = np.zeros(n)
+        beyond_grid: dict[str, np.ndarray] = {}
         for group in groups:
             per_request = group.per == "request"
             env = request if per_request else step
@@ -220,29 +223,30 @@ class Predictor:
                       for axis, v in zip(group.axes, group.sizes(env))}
             sig = group.signature
             us, beyond, _ = self.ops.predict(sig, values or {"_": np.zeros(m, dtype=np.int64)})
-            if beyond.any():
-                self.extrapolated.add(f"{sig.op} ({sig.hash[:8]}) beyond its measured grid")
             if per_request and batch is not None:
                 us = np.bincount(batch, weights=us, minlength=n)
+                beyond = np.bincount(batch, weights=beyond, minlength=n) > 0
+            if beyond.any():
+                warning = f"{sig.op} ({sig.hash[:8]}) beyond its measured grid"
+                beyond_grid[warning] = beyond_grid.get(warning, np.zeros(n, dtype=bool)) | beyond
             if reads is not None and group.when:
                 us = us * runs(group.when, reads)
             gpu += group.count * us
             if ops is not None:
                 ops += [(name, scope, count, count * us) for (name, scope), count in group.sites.items()]
-        return gpu
+        return gpu, beyond_grid
 
     def predict(self, batches: list[list[tuple[int, int]]] | Batches) -> Prediction:
         """Every batch at once, with the per-op breakdown."""
         b = batches if isinstance(batches, Batches) else Batches.of(batches)
         step, request = self.symbols(b)
-        self.extrapolated = set()
         ops: list = []
-        gpu = self._gpu(self.groups, b.n, step, request, b.batch, step["K"] > step["T"], ops)
+        gpu, beyond_grid = self._gpu(self.groups, b.n, step, request, b.batch, step["K"] > step["T"], ops)
         shapes = [{(int(t), int(step[key][i])) for key in self.keys} for i, t in enumerate(step["T"])]
         parts = compose_step(self.host or NO_HOST, gpu, self._launches(step["R"], step["K"] > step["T"]),
                              np.array([len(x) for x in shapes]), step["R"].astype(float), step["T"].astype(float),
                              step["K"].astype(float), self.kernels.types)
-        return Prediction(parts, shapes, ops, sorted(self.extrapolated))
+        return Prediction(parts, shapes, ops, sorted(beyond_grid))
 
     def step(self, batch: list[tuple[int, int]], planned: set | frozenset = frozenset(),
              forward: Forward = Forward.EAGER, overlap_host: bool = False) -> Step:
@@ -255,7 +259,7 @@ class Predictor:
         b = Batches(queries, keys, np.zeros(len(queries), dtype=np.int64), 1)
         values = {k: int(v[0]) for k, v in self.symbols(b)[0].items()}
         reads = values["K"] > values["T"]
-        gpu = 0.0
+        gpu, extrapolated = 0.0, frozenset()
         for per, when, needs, members, memo in self.terms:
             if not runs(when, reads):
                 continue
@@ -263,12 +267,15 @@ class Predictor:
             missing = {r for r in rows if r not in memo}
             if missing:
                 self._remember(per, needs, members, memo, missing)
-            gpu += sum(memo[r] for r in rows)
+            for r in rows:
+                us, beyond_grid = memo[r]
+                gpu += us
+                extrapolated |= beyond_grid
         shapes = {(values["T"], values[key]) for key in self.keys}
         R = float(values["R"])
         parts = compose_step(self.host or NO_HOST, gpu, self._launches(R, reads), len(shapes - planned), R,
                              float(values["T"]), float(values["K"]), self.kernels.types, forward, overlap_host)
-        return Step(parts, shapes)
+        return Step(parts, shapes, extrapolated)
 
     def _launches(self, requests, reads):
         """Kernels the forward launches, scaled as the model's layers are."""
@@ -288,8 +295,10 @@ class Predictor:
             rows.update(key[:running] + (v,) + key[running + 1:] for v in range(first, first + size))
         rows = sorted(rows)
         cols = {s: np.array(c, dtype=np.int64) for s, c in zip(names, zip(*rows))} if names else {}
-        us = self._gpu(members, len(rows), {} if per == "request" else cols, cols if per == "request" else {})
-        memo.update(zip(rows, us.tolist()))
+        us, beyond_grid = self._gpu(members, len(rows), {} if per == "request" else cols,
+                                    cols if per == "request" else {})
+        for i, row in enumerate(rows):  # each row with the warnings of its own prediction
+            memo[row] = (float(us[i]), frozenset(w for w, mask in beyond_grid.items() if mask[i]))
 
 
 def _starts(b: Batches) -> np.ndarray:

@@ -43,6 +43,7 @@ class StepTime:
         self.predictor, self.engine_settings = predictor, engine_settings
         self.graphs: set[tuple[int, int]] = set()
         self.plans: set[tuple[int, int]] = set()
+        self.extrapolated: set[str] = set()  # signatures this run's steps were predicted beyond their grid
 
     def _padded(self, batch: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
         k = self.engine_settings
@@ -61,9 +62,11 @@ class StepTime:
             padded, shape = self._padded(batch)
             forward = Forward.REPLAY if shape in self.graphs else Forward.CAPTURE
             self.graphs.add(shape)
-            return self.predictor.step(padded, forward=forward, overlap_host=k.use_async_batching)
-        step = self.predictor.step(batch, self.plans, overlap_host=k.use_async_batching)
-        self.plans |= step.shapes
+            step = self.predictor.step(padded, forward=forward, overlap_host=k.use_async_batching)
+        else:
+            step = self.predictor.step(batch, self.plans, overlap_host=k.use_async_batching)
+            self.plans |= step.shapes
+        self.extrapolated |= step.extrapolated
         return step
 
     def forward_us(self, batch: list[tuple[int, int]]) -> tuple[float, Step]:
