@@ -52,6 +52,14 @@ def test_olmo2_normalises_the_whole_projection():
     assert g.meta.layer_groups == (LayerGroup((0,), 16),)
 
 
+def test_a_quarter_rotary_keeps_three_quarters_written_with_head_dim():
+    g = compile_dict({**tiny_llama(), "model_type": "glm4", "head_dim": 64, "partial_rotary_factor": 0.25,
+                      "pad_token_id": None})
+    (cat, _) = find(g, "self_attn", "aten.cat")
+    assert [exprs(t)[-1] for t in cat.inputs] == ["(head_dim//4)", "(3*head_dim//4)"]
+    assert [t.shape[-1].value for t in cat.inputs] == [16, 48]
+
+
 def test_a_field_missing_from_any_list_is_still_a_symbol():
     # an integer field the model reads, under a name Dooly never listed
     g = compile_dict({**tiny_llama(), "model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2,
