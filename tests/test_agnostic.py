@@ -60,6 +60,16 @@ def test_a_quarter_rotary_keeps_three_quarters_written_with_head_dim():
     assert [t.shape[-1].value for t in cat.inputs] == [16, 48]
 
 
+def test_a_composite_part_leaves_defaults_out():
+    from dooly.config import parse_config
+
+    cfg = parse_config({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "hidden_size": 256,
+                                                               "num_hidden_layers": 2}}, "tiny", "tiny")
+    assert cfg.num_layers == 2
+    with pytest.raises(DoolyError, match="required field 'num_attention_heads' is missing"):
+        parse_config({**tiny_llama(), "num_attention_heads": None}, "tiny", "tiny")
+
+
 def test_a_field_missing_from_any_list_is_still_a_symbol():
     # an integer field the model reads, under a name Dooly never listed
     g = compile_dict({**tiny_llama(), "model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2,
