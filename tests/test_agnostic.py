@@ -52,7 +52,6 @@ def test_olmo2_normalises_the_whole_projection():
     assert g.meta.layer_groups == (LayerGroup((0,), 16),)
 
 
-
 def test_partial_rotary_halves_are_both_written_with_head_dim():
     g = zoo_graph("glm-4-9b-0414")  # THUDM/GLM-4-9B-0414: 32 heads of 128, 2 KV heads, rotary over half of each head
     assert g.meta.concrete_fields == ("head_dim",)  # int(head_dim * partial_rotary_factor) pins it
@@ -146,6 +145,24 @@ def test_olmoe_routes_over_its_own_expert_fields():
     # its k_norm is sized by the code's own hidden_size // num_attention_heads, not by head_dim
     weight = find(g, "self_attn.k_norm", "aten.mul.Tensor")[-1].inputs[0]
     assert exprs(weight) == ["num_key_value_heads*(hidden_size//num_attention_heads)"]
+
+
+def test_shared_experts_multiply_their_width_and_the_first_layer_is_dense():
+    g = zoo_graph("ernie-4.5-21b-a3b")  # baidu/ERNIE-4.5-21B-A3B: 64 experts of 1536, top 6, 2 shared
+    assert g.meta.layer_groups == (LayerGroup((0,), 1), LayerGroup((1,), 27))  # moe_layer_start_index 1
+    (dense,) = [op for op in find(g, "mlp.gate_proj") if op.name == "aten.mm"]
+    assert dense.count == 1 and exprs(dense.outputs[0]) == ["T", "intermediate_size"]
+    shared = _mm(g, "mlp.shared_experts.gate_proj")
+    assert exprs(shared.outputs[0]) == ["T", "moe_intermediate_size*moe_num_shared_experts"]
+    assert shared.outputs[0].shape[1].value == 2 * 1536 and shared.count == 27
+    # the class reads moe_num_experts and moe_k under their common names
+    router = _mm(g, "mlp.gate")
+    assert exprs(router.outputs[0]) == ["T", "num_experts"] and router.outputs[0].shape[1].value == 64
+    (topk,) = find(g, "mlp.gate", "aten.topk")
+    assert exprs(topk.outputs[0]) == ["T", "num_experts_per_tok"] and topk.outputs[0].shape[1].value == 6
+    (bias,) = find(g, "mlp.gate.moe_statics", "aten.add.Tensor")  # its expert-score correction
+    assert exprs(bias.inputs[1]) == ["num_experts"]
+
 
 def test_a_field_missing_from_any_list_is_still_a_symbol():
     # an integer field the model reads, under a name Dooly never listed
