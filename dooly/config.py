@@ -77,7 +77,16 @@ def _given(data: dict, field: str, aliases: dict) -> str | None:
     return None
 
 
-def _check_raw(text: dict, aliases: dict, where: str, max_layers: int) -> None:
+def _part_defaults(cls) -> dict:
+    """The fields a default instance of a composite config's part holds: transformers writes a part as its
+    differences from these (Gemma-3's `text_config` leaves out its 8 heads), so a field it omits has this value."""
+    try:
+        return cls().to_dict()
+    except Exception:  # noqa: BLE001 - a class without defaults: every field must be given
+        return {}
+
+
+def _check_raw(text: dict, aliases: dict, where: str, max_layers: int, defaults: dict) -> None:
     layers_key = _given(text, "num_hidden_layers", aliases)
     layers = text.get(layers_key) if layers_key else None
     if _positive_int(layers) and layers > max_layers:
@@ -88,7 +97,7 @@ def _check_raw(text: dict, aliases: dict, where: str, max_layers: int) -> None:
         if key is not None and not _positive_int(text[key]):
             raise DoolyError(f"{where}: field {field!r} must be a positive integer, got {text[key]!r}")
     for field in REQUIRED_FIELDS:
-        if _given(text, field, aliases) is None:
+        if _given(text, field, aliases) is None and _given(defaults, field, aliases) is None:
             raise DoolyError(f"{where}: required field {field!r} is missing")
 
 
@@ -135,7 +144,9 @@ def parse_config(data, name: str, where: str, max_layers: int = MAX_LAYERS) -> M
     text_data = data if key is None else data.get(key)
     if not isinstance(text_data, dict):
         raise DoolyError(f"{where}: {model_type} is a composite config and its text model ({key!r}) is missing")
-    _check_raw(text_data, getattr(_text_class(cls, key), "attribute_map", {}), where, max_layers)
+    text_cls = _text_class(cls, key)
+    defaults = {} if key is None else _part_defaults(text_cls)
+    _check_raw(text_data, getattr(text_cls, "attribute_map", {}), where, max_layers, defaults)
     text = build(model_type, data, where).get_text_config()
     _check_built(text, f"{where}: {model_type}")
     return ModelConfig(name, model_type, data, text.num_hidden_layers, key)

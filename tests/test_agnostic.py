@@ -52,6 +52,118 @@ def test_olmo2_normalises_the_whole_projection():
     assert g.meta.layer_groups == (LayerGroup((0,), 16),)
 
 
+def test_partial_rotary_halves_are_both_written_with_head_dim():
+    g = zoo_graph("glm-4-9b-0414")  # THUDM/GLM-4-9B-0414: 32 heads of 128, 2 KV heads, rotary over half of each head
+    assert g.meta.concrete_fields == ("head_dim",)  # int(head_dim * partial_rotary_factor) pins it
+    for cat in find(g, "self_attn", "aten.cat"):
+        rotated, passed = (exprs(t)[-1] for t in cat.inputs)
+        assert (rotated, passed, exprs(cat.outputs[0])[-1]) == ("(head_dim//2)", "(head_dim//2)", "head_dim")
+        assert cat.inputs[1].shape[-1].value == 64
+    kv = [op for op in find(g, "self_attn.k_proj") if op.name == "aten.addmm"][0]  # attention_bias: an addmm
+    assert exprs(kv.outputs[0]) == ["T", "head_dim*num_key_value_heads"] and kv.outputs[0].shape[1].value == 256
+    assert not [d.expr for op in g.ops for t in op.tensors() for d in t.dims() if "head_dim -" in d.expr]
+
+
+def test_a_quarter_rotary_keeps_three_quarters_written_with_head_dim():
+    g = compile_dict({**tiny_llama(), "model_type": "glm4", "head_dim": 64, "partial_rotary_factor": 0.25,
+                      "pad_token_id": None})
+    (cat, _) = find(g, "self_attn", "aten.cat")
+    assert [exprs(t)[-1] for t in cat.inputs] == ["(head_dim//4)", "(3*head_dim//4)"]
+    assert [t.shape[-1].value for t in cat.inputs] == [16, 48]
+
+
+def test_a_composite_config_runs_its_text_part():
+    g = zoo_graph("gemma-3-4b")  # google/gemma-3-4b-it: its text_config leaves 8 heads of 256, 4 KV heads to defaults
+    assert g.meta.model_type == "gemma3" and g.meta.sliding_window == 1024
+    assert g.meta.config["num_attention_heads"] == 8 and g.meta.config["num_key_value_heads"] == 4
+    # five sliding layers to each full one: 29 and 5 of 34
+    assert g.meta.layer_groups == (LayerGroup((0, 1, 2, 3, 4), 29), LayerGroup((5,), 5))
+    keys = {exprs(op.inputs[1])[2]: op.count for op in find(g, "self_attn", "aten.scaled_dot_product_attention")}
+    assert keys == {"Ks": 29, "K": 5}
+    norm = find(g, "self_attn.q_norm", "aten.pow.Tensor_Scalar")[0]
+    assert exprs(norm.inputs[0]) == ["1", "num_attention_heads", "T", "head_dim"]
+    assert norm.inputs[0].shape[3].value == 256
+    assert len(find(g, "model.rotary_emb", "aten.bmm")) == 2  # local and global rotary frequencies
+
+
+def test_a_composite_part_leaves_defaults_out():
+    from dooly.config import parse_config
+
+    cfg = parse_config({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "hidden_size": 256,
+                                                               "num_hidden_layers": 2}}, "tiny", "tiny")
+    assert cfg.num_layers == 2
+    with pytest.raises(DoolyError, match="required field 'num_attention_heads' is missing"):
+        parse_config({**tiny_llama(), "num_attention_heads": None}, "tiny", "tiny")
+
+
+def test_sparsemixer_routes_two_experts_whatever_the_config_says():
+    g = zoo_graph("phi-3.5-moe")  # microsoft/Phi-3.5-MoE-instruct: 16 experts of 6400, 8 KV heads
+    router = _mm(g, "mlp.router")
+    assert exprs(router.outputs[0]) == ["T", "num_local_experts"] and router.outputs[0].shape[1].value == 16
+    # its router picks the best expert, then the best of the rest: two rounds in code, not num_experts_per_tok
+    assert len(find(g, "mlp.router", "aten.max.dim")) == 2
+    up = find(g, "mlp.experts", "aten._grouped_mm")[0]
+    assert exprs(up.inputs[0]) == ["2*T", "hidden_size"]
+    assert exprs(up.inputs[1]) == ["num_local_experts", "hidden_size", "2*intermediate_size"]
+    assert up.inputs[1].shape[2].value == 2 * 6400
+    (lm,) = find(g, "lm_head", "aten.addmm")  # lm_head_bias
+    assert exprs(lm.outputs[0]) == ["R", "vocab_size"]
+    assert g.meta.sliding_window == 131072
+
+
+def test_layer_norm_with_bias_and_every_layer_sliding():
+    g = zoo_graph("starcoder2-7b")  # bigcode/starcoder2-7b: 36 heads of 128, 4 KV heads, window 4096
+    norms = find(g, "input_layernorm", "aten.native_layer_norm")
+    assert [exprs(t) for t in norms[0].inputs[1:]] == [["hidden_size"], ["hidden_size"]]  # weight and bias
+    assert norms[0].inputs[1].shape[0].value == 4608
+    assert g.meta.layer_groups == (LayerGroup((0,), 32),) and g.meta.sliding_window == 4096
+    (sdpa,) = find(g, "self_attn", "aten.scaled_dot_product_attention")
+    assert exprs(sdpa.inputs[0]) == ["1", "num_attention_heads", "T", "head_dim"] and exprs(sdpa.inputs[1])[2] == "Ks"
+    assert exprs(sdpa.inputs[1])[1] == "num_key_value_heads*(num_attention_heads//num_key_value_heads)"
+    fc = [op for op in find(g, "mlp.c_fc") if op.name == "aten.addmm"][0]
+    assert exprs(fc.outputs[0]) == ["T", "intermediate_size"] and fc.outputs[0].shape[1].value == 18432
+
+
+def test_nope_layers_are_a_layer_kind_of_their_own():
+    g = zoo_graph("smollm3-3b")  # HuggingFaceTB/SmolLM3-3B: every fourth layer without rotary embeddings
+    assert g.meta.layer_groups == (LayerGroup((0, 1, 2), 27), LayerGroup((3,), 9))
+    rotations = [op.count for op in find(g, "self_attn", "aten.neg")]
+    assert rotations == [27, 27]  # rotate_half of q and k, in the 27 layers that rotate
+    (q,) = [op for op in find(g, "self_attn.q_proj") if op.count == 9]
+    assert exprs(q.outputs[0]) == ["T", "head_dim*num_attention_heads"] and q.outputs[0].shape[1].value == 2048
+    assert g.meta.config["num_key_value_heads"] == 4
+
+
+def test_olmoe_routes_over_its_own_expert_fields():
+    g = zoo_graph("olmoe-1b-7b-0924")  # allenai/OLMoE-1B-7B-0924: 64 experts of 1024, top 8
+    gate = _mm(g, "mlp.gate")
+    assert exprs(gate.outputs[0]) == ["T", "num_experts"] and gate.outputs[0].shape[1].value == 64
+    (topk,) = find(g, "mlp.gate", "aten.topk")
+    assert exprs(topk.outputs[0]) == ["T", "num_experts_per_tok"] and topk.outputs[0].shape[1].value == 8
+    up = find(g, "mlp.experts", "aten._grouped_mm")[0]
+    assert exprs(up.inputs[1]) == ["num_experts", "hidden_size", "2*intermediate_size"]
+    # its k_norm is sized by the code's own hidden_size // num_attention_heads, not by head_dim
+    weight = find(g, "self_attn.k_norm", "aten.mul.Tensor")[-1].inputs[0]
+    assert exprs(weight) == ["num_key_value_heads*(hidden_size//num_attention_heads)"]
+
+
+def test_shared_experts_multiply_their_width_and_the_first_layer_is_dense():
+    g = zoo_graph("ernie-4.5-21b-a3b")  # baidu/ERNIE-4.5-21B-A3B: 64 experts of 1536, top 6, 2 shared
+    assert g.meta.layer_groups == (LayerGroup((0,), 1), LayerGroup((1,), 27))  # moe_layer_start_index 1
+    (dense,) = [op for op in find(g, "mlp.gate_proj") if op.name == "aten.mm"]
+    assert dense.count == 1 and exprs(dense.outputs[0]) == ["T", "intermediate_size"]
+    shared = _mm(g, "mlp.shared_experts.gate_proj")
+    assert exprs(shared.outputs[0]) == ["T", "moe_intermediate_size*moe_num_shared_experts"]
+    assert shared.outputs[0].shape[1].value == 2 * 1536 and shared.count == 27
+    # the class reads moe_num_experts and moe_k under their common names
+    router = _mm(g, "mlp.gate")
+    assert exprs(router.outputs[0]) == ["T", "num_experts"] and router.outputs[0].shape[1].value == 64
+    (topk,) = find(g, "mlp.gate", "aten.topk")
+    assert exprs(topk.outputs[0]) == ["T", "num_experts_per_tok"] and topk.outputs[0].shape[1].value == 6
+    (bias,) = find(g, "mlp.gate.moe_statics", "aten.add.Tensor")  # its expert-score correction
+    assert exprs(bias.inputs[1]) == ["num_experts"]
+
+
 def test_a_field_missing_from_any_list_is_still_a_symbol():
     # an integer field the model reads, under a name Dooly never listed
     g = compile_dict({**tiny_llama(), "model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2,

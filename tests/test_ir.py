@@ -133,3 +133,9 @@ def test_a_version_2_meta_is_checked_field_by_field():
         Graph.from_json(data)
     with pytest.raises(ParseError, match="no 'meta' line"):
         loads("\n".join(line for line in text.splitlines() if not line.startswith("meta")))
+
+
+def test_a_product_divisor_keeps_its_parentheses():
+    # OLMoE's rotate_half halves hidden_size // (hidden_size // head_dim)
+    text = render(to_sympy("hidden_size//(2*(hidden_size//head_dim))"))
+    assert evaluate(text, {"hidden_size": 2048, "head_dim": 128}) == 64

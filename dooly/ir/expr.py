@@ -136,7 +136,7 @@ def render(e: sympy.Expr) -> str:
         return e.name
     num, den = sympy.fraction(sympy.together(e))
     if den != 1:  # exact division, e.g. head_dim/2 for a head_dim known to be even
-        return f"({_factor(sympy.expand(num))}//{_factor(den)})"
+        return f"({_factor(sympy.expand(num))}//{_divisor(den)})"
     if isinstance(e, sympy.Add):
         out = ""
         for i, term in enumerate(e.as_ordered_terms()):
@@ -159,7 +159,7 @@ def render(e: sympy.Expr) -> str:
         return "*".join(parts)
     if isinstance(e, sympy.floor):
         num, den = sympy.fraction(sympy.together(e.args[0]))
-        return f"({_factor(num)}//{_factor(den)})"
+        return f"({_factor(num)}//{_divisor(den)})"
     if isinstance(e, sympy.Mod):
         return f"({_factor(e.args[0])} % {_factor(e.args[1])})"
     if isinstance(e, (sympy.Max, sympy.Min)):
@@ -177,6 +177,12 @@ def render(e: sympy.Expr) -> str:
 def _factor(e: sympy.Expr) -> str:
     text = render(e)
     return f"({text})" if isinstance(e, sympy.Add) else text
+
+
+def _divisor(e: sympy.Expr) -> str:
+    """The right side of `//`, which binds as tightly as `*`: `a//(2*b)`, never `a//2*b`."""
+    text = render(e)
+    return f"({text})" if isinstance(e, (sympy.Add, sympy.Mul)) else text
 
 
 def simplify(text: str, values: Mapping[str, int] | None = None) -> str:

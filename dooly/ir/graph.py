@@ -51,7 +51,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}")
 FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 ATTR_STRING = re.compile(r"[A-Za-z0-9_.:,+ -]{0,100}")  # "tanh", "contiguous_format", "bf16", "cuda:0"
 META_NAME = re.compile(r"[A-Za-z0-9_.|+-]{0,100}")  # "LlamaForCausalLM", "paged|sdpa", "transformers-cb", "5.17.0"
-GUARD = re.compile(r"[A-Za-z0-9_.,+*/%()<>=! -]{1,500}")  # a relation torch assumed of the symbols, as sympy prints it
+GUARD = re.compile(r"[A-Za-z0-9_.,+*/%()<>=! -]{1,2000}")  # a relation torch assumed of the symbols, as sympy prints it
 LAYER_INDEX = re.compile(r"0|[1-9][0-9]{0,5}")
 # a decoder layer in a scope, whatever the model calls their ModuleList (GPT-2's `transformer.h.3`), and one that
 # the collapse pass made stand for a layer group (`model.layers.*`)

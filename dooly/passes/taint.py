@@ -30,6 +30,13 @@ def _solve(base: str, moved: list[tuple[int, str]], field: str, value: int) -> s
     return render(sympy.expand(e0 + slopes.pop() * (f - value)))
 
 
+def _at(expr: str, field: str, value: int) -> str:
+    """`expr` with `field` set to `value`: what it reads in a trace where the field is that number."""
+    if field not in names(expr):
+        return expr
+    return render(to_sympy(expr).subs(sympy.Symbol(field, integer=True, positive=True), value))
+
+
 def _same(moved: str, base: str, others: dict) -> bool:
     return moved == base or sympy.simplify(to_sympy(moved) - to_sympy(base).subs(others)) == 0
 
@@ -51,9 +58,11 @@ def attribute(graph: Graph, perturbed: dict[str, list[tuple[int, list[Op]]]]) ->
         for i, op in enumerate(ops):
             flat = [d.expr for t in op.tensors() for d in t.dims()]
             moved = [[d.expr for t in other[i].tensors() for d in t.dims()] for _, other in runs]
-            # a dim already written with the field is right as it is (the trace pinned the field in other dims only)
-            exprs = iter([e if field in names(e) or all(_same(m[j], e, others) for m in moved) else
-                          _solve(e, [(v, m[j]) for (v, _), m in zip(runs, moved)], field, base_value)
+            # a dim written with the field can still hold a number the field pinned (`head_dim - 64` past a partial
+            # rotary slice of `int(0.5*head_dim)`): it is right as it is only where it gives each moved trace's dim
+            exprs = iter([e if all(_same(m[j], _at(e, field, v), others) for (v, _), m in zip(runs, moved)) else
+                          _solve(_at(e, field, base_value), [(v, m[j]) for (v, _), m in zip(runs, moved)], field,
+                                 base_value)
                           for j, e in enumerate(flat)])
             solved.append(map_dims(op, lambda d: replace(d, expr=next(exprs))))
         ops = solved
