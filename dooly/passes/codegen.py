@@ -58,6 +58,8 @@ if __name__ == "__main__":
 # ("unique", input, dim) also never repeats (a scatter target)
 INDEXED = {
     "aten.index_select": {1: ("below", 0, "dim")},
+    "aten.gather": {1: ("below", 0, "dim")},
+    "aten.scatter.value": {1: ("below", 0, "dim")},
     "aten.embedding": {1: ("below", 0, 0)},
     "aten.index_copy_": {1: ("unique", 0, "dim")},
     "aten.index.Tensor": {1: ("below", 0, "indexed")},
