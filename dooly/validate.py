@@ -194,8 +194,9 @@ def validate_model(truth: dict, graph, store: Store, log=print, max_steps: int =
     cb = truth["cb_config"]
     graphs = bool(truth.get("cuda_graphs"))
     engine_settings = EngineSettings(use_cuda_graph=graphs, q_padding_interval_size=cb["q_padding_interval_size"],
-                  kv_padding_interval_size=cb["kv_padding_interval_size"], max_batch_tokens=cb["max_batch_tokens"],
-                  use_async_batching=bool(cb.get("use_async_batching")))
+                                     kv_padding_interval_size=cb["kv_padding_interval_size"],
+                                     max_batch_tokens=cb["max_batch_tokens"],
+                                     use_async_batching=bool(cb.get("use_async_batching")))
     if graphs:  # the warm-up run captured the graphs: repeats replay them
         warm = StepTime(predictor, engine_settings)
         for trace in truth["traces"].values():

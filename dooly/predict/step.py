@@ -270,7 +270,8 @@ class Predictor:
             for r in rows:
                 us, beyond_grid = memo[r]
                 gpu += us
-                extrapolated |= beyond_grid
+                if beyond_grid:  # seldom: most rows lie inside their grids
+                    extrapolated |= beyond_grid
         shapes = {(values["T"], values[key]) for key in self.keys}
         R = float(values["R"])
         parts = compose_step(self.host or NO_HOST, gpu, self._launches(R, reads), len(shapes - planned), R,

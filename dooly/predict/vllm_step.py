@@ -258,4 +258,5 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
     by_depth = lambda rows: {depth: HostFloor(curve(k.get("decode")), curve(k.get("prefill")),  # noqa: E731
                                               curve(k.get("mixed"))) for depth, k in rows.items()}
     admit = {depth: Curve(*zip(*sorted((r, min(v)[1]) for r, v in by_r.items()))) for depth, by_r in admits.items()}
-    return StepModel(terms, by_depth(floors), graph.meta.layers, by_depth(launches), admit, by_depth(leads), runner)
+    return StepModel(terms, by_depth(floors), graph.meta.layers, launch=by_depth(launches), admit=admit,
+                     lead=by_depth(leads), host_runner=runner)

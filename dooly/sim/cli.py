@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         env = environment_name(store, args.backend)
         predictor = load_predictor(graph, store, env)
         engine_settings = EngineSettings(use_cuda_graph=args.cuda_graphs, max_batch_tokens=args.max_batch_tokens,
-                      use_async_batching=args.async_batching)
+                                         use_async_batching=args.async_batching)
         step_time = StepTime(predictor, engine_settings)
         extrapolated = step_time.extrapolated
     block = args.block_size or (256 if args.scheduler == "cb" else 16)

@@ -199,7 +199,7 @@ def evaluate(setting: Setting, config: Config) -> dict:
     scheduler = _Watch(scheduler_for(config, setting.cache_tokens[config.gpu, config.tp, config.max_tokens]),
                        setting.requests, setting.objectives)
     engine_settings = EngineSettings(use_cuda_graph=config.cuda_graphs, max_batch_tokens=config.max_tokens,
-                  use_async_batching=config.async_batching)
+                                     use_async_batching=config.async_batching)
     row = asdict(config)
     try:
         outcome = simulate(setting.requests, scheduler, StepTime(predictor, engine_settings))
