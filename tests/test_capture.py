@@ -36,7 +36,7 @@ def test_request_dims_do_not_depend_on_trace_sizes(monkeypatch):
     import dooly.capture.transformers_cb as cb
 
     first = dumps(compile_dict(tiny_llama()))
-    monkeypatch.setattr(cb, "HINTS", {"T": 613, "R": 41, "K": 5009, "Ks": 777, "q": 29, "k": 1999})
+    monkeypatch.setattr(cb, "TRACE_SIZES", {"T": 613, "R": 41, "K": 5009, "Ks": 777, "q": 29, "k": 1999})
     assert dumps(compile_dict(tiny_llama())) == first
 
 
@@ -56,7 +56,7 @@ def test_serving_step_of_the_engine():
     (fill,) = [op for op in find(g, "engine.reset_static_tensors") if exprs(op.inputs[0]) == ["1", "1", "T", "K"]]
     assert fill.name == "aten.fill_.Scalar"
     mask = find(g, "engine.attention_mask.full_attention")
-    assert {op.per for op in mask} == {"request"} and exprs(mask[0].outputs[0]) == ["1", "1", "q", "k"]
+    assert {op.runs_per for op in mask} == {"request"} and exprs(mask[0].outputs[0]) == ["1", "1", "q", "k"]
     assert g.meta.concrete_fields == ("head_dim",)  # pinned by rotary embeddings, recovered by perturbation
     (inv_freq,) = find(g, "model.rotary_emb", "aten.bmm")
     assert exprs(inv_freq.inputs[0]) == ["1", "(head_dim//2)", "1"]
@@ -126,8 +126,9 @@ def test_moe_experts_run_as_grouped_gemms(name, experts, width):
 
 
 def test_collapse_of_a_full_depth_trace_equals_the_traced_prefix():
+    from dooly.capture import capture
     from dooly.capture.common import size_fields, text_config
-    from dooly.capture.transformers_cb import capture, full_model, trace_both
+    from dooly.capture.transformers_cb import full_model, trace_both
     from dooly.config import parse_config
     from dooly.passes.collapse import collapse
     from dooly.passes.taint import taint
@@ -141,7 +142,7 @@ def test_collapse_of_a_full_depth_trace_equals_the_traced_prefix():
     config = text_config(cfg)
     fields = size_fields(config, full_model(config)[1])
     full = trace_both(cfg, 6, "bf16", {}, fields)
-    moved = {f: [(v, trace_both(cfg, 6, "bf16", {**{x: full.values[x] for x in full.specialized}, f: v}, fields).ops)]
+    moved = {f: [(v, trace_both(cfg, 6, "bf16", {**{x: full.values[x] for x in full.pinned}, f: v}, fields).ops)]
              for f, [(v, _)] in prefix.perturbed.items()}
     full_graph = prefix.graph.with_ops(full.ops, layer_counts={})
     a = collapse(taint(prefix.graph, prefix.perturbed))

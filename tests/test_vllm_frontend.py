@@ -165,7 +165,7 @@ def test_request_dims_do_not_depend_on_trace_sizes(monkeypatch):
     import dooly.capture.vllm_frontend as frontend
 
     first = dumps(compile_dict(tiny_llama()))
-    monkeypatch.setattr(frontend, "HINTS", {"T": 613, "R": 41, "K": 5009, "Kmax": 777, "Tmax": 101})
+    monkeypatch.setattr(frontend, "TRACE_SIZES", {"T": 613, "R": 41, "K": 5009, "Kmax": 777, "Tmax": 101})
     assert dumps(compile_dict(tiny_llama())) == first
 
 

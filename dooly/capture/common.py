@@ -1,4 +1,5 @@
-"""What the capture frontends share: trace results, layer kinds and counts, and the pinned-field fallback."""
+"""What the capture frontends share: the `Frontend` protocol the driver (`dooly.capture.capture`) runs, trace
+results, layer kinds and counts, symbolic config fields and the pinned-field fallback."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import contextlib
 import multiprocessing
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn as nn
@@ -28,7 +30,7 @@ class Trace:
     ops: list[Op]
     values: dict[str, int]  # config field values of this trace
     guards: list[str]
-    specialized: set[str]
+    pinned: set[str]  # config fields torch pinned to numbers while tracing
 
 
 @dataclass
@@ -36,6 +38,26 @@ class Capture:
     graph: Graph
     # field -> (value, ops) of the step traced with that field moved, for fields torch pinned while tracing
     perturbed: dict[str, list[tuple[int, list[Op]]]]
+
+
+class Frontend(Protocol):
+    """An engine's serving step as the capture driver takes it, built for one model config and dtype."""
+
+    name: ClassVar[str]  # the frontend, as `--frontend` and the IR's meta name it
+    trace_sizes: ClassVar[dict[str, int]]  # each request symbol's value while tracing; the IR does not use them
+
+    def layer_kinds(self, n_layers: int | None) -> list[tuple]:
+        """The `structure` of each decoder layer of the model cut to `n_layers` (None: the full model)."""
+
+    def trace(self, n_layers: int, pinned: dict[str, int]) -> Trace:
+        """One step of the engine on the model cut to `n_layers`, the `pinned` fields set to those numbers."""
+
+    def check(self, step: Trace) -> None:
+        """Refuse, with the engine's reason, a step the engine would not serve this way."""
+
+    def engine_meta(self, step: Trace, moved: Collection[str]) -> dict[str, Any]:
+        """The IR meta fields only the engine knows: architecture, engine, its version, attention, the config
+        fields the step reads (`moved`: the pinned fields traced again), sliding window, engine settings."""
 
 
 def structure(layer: nn.Module) -> tuple:
@@ -96,11 +118,11 @@ def trace_with_fallback(trace: Callable[[dict[str, int]], Trace]) -> tuple[Trace
     how every dim depends on it.
     """
     step = trace({})
-    concrete = {f: step.values[f] for f in step.specialized}
+    pinned = {f: step.values[f] for f in step.pinned}
     perturbed = {}
-    for field, value in concrete.items():
+    for field, value in pinned.items():
         try:
-            moved = trace({**concrete, field: perturbed_value(field, value)})
+            moved = trace({**pinned, field: perturbed_value(field, value)})
         except DoolyError:
             continue  # the model refuses the field moved: a setting of its code rather than a size, kept a number
         if [op.name for op in moved.ops] == [op.name for op in step.ops]:  # else it chose the ops: a setting too
@@ -186,6 +208,13 @@ def size_fields(config, reads: set[str]) -> dict[str, int]:
     if "head_dim" in reads and getattr(config, "head_dim", None) is None:
         out["head_dim"] = config.hidden_size // config.num_attention_heads
     return out
+
+
+def symbolic_fields(config, values: dict[str, int], pinned: dict[str, int], symbols) -> None:
+    """Set each field of `values` on `config` as a SymInt of `symbols`, but the `pinned` ones, which stay numbers."""
+    for field, value in values.items():
+        if field not in pinned:
+            set_field(config, field, symbols.symint(field, value, even=field in EVEN_FIELDS))
 
 
 def set_field(config, name: str, value) -> None:

@@ -50,7 +50,7 @@ class _NamedShapeEnv(ShapeEnv):
     Torch turns a guard like `num_attention_heads // num_key_value_heads == 1` (taken by `if n_rep == 1`) into the
     replacement `num_attention_heads -> num_key_value_heads`, after which every head count reads as a KV-head
     count. The guard still holds without the rewrite; refusing it keeps each dim in the fields it was computed from.
-    A replacement by a constant is still allowed: it is how a pinned field shows (see `specialized`).
+    A replacement by a constant is still allowed: it is how a pinned field shows (see `pinned`).
     """
 
     named: set[sympy.Symbol]
@@ -68,7 +68,7 @@ class SymbolTable:
         self.shape_env.named = set()
         self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
         self.by_symbol: dict[sympy.Symbol, sympy.Expr] = {}  # torch's symbol -> its value in our names
-        self.pinned: set[str] = set()  # names torch would not make symbolic
+        self._numbers: set[str] = set()  # names torch would not make symbolic
         self.hints: dict[str, int] = {}
         self._texts: dict[sympy.Expr, str] = {}
 
@@ -79,13 +79,13 @@ class SymbolTable:
         if even and hint % 2 == 0:
             half = self._symint(f"{name}/2", hint // 2)
             if not isinstance(half, torch.SymInt):
-                self.pinned.add(name)
+                self._numbers.add(name)
                 return hint
             self.by_symbol[half.node.expr] = named / 2
             return 2 * half
         out = self._symint(name, hint)
         if not isinstance(out, torch.SymInt):  # torch keeps 0 and 1 as numbers: pinned from the start
-            self.pinned.add(name)
+            self._numbers.add(name)
             return out
         self.by_symbol[out.node.expr] = named
         return out
@@ -96,10 +96,10 @@ class SymbolTable:
         self.shape_env.named.add(symbol)
         return self.shape_env.create_symintnode(symbol, hint=hint, source=source)
 
-    def specialized(self) -> set[str]:
+    def pinned(self) -> set[str]:
         """Names whose symbol torch pinned to a constant while tracing (a guard like `Eq(s, 4096)`), or from the
         start (a 1)."""
-        out = set(self.pinned)
+        out = set(self._numbers)
         for symbol, named in self.by_symbol.items():
             value = self.shape_env.replacements.get(symbol)
             vr = self.shape_env.var_to_range.get(symbol)

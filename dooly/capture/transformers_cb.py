@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..config import ModelConfig, first_line
 from ..errors import DoolyError
 from ..ir.expr import names, render, to_sympy
-from ..ir.graph import Graph, GraphMeta, Op, When, map_dims
+from ..ir.graph import Op, When, map_dims
 from ..transformers_engine import (
     ATTENTION,
     BLOCK_SIZE,
@@ -34,18 +34,14 @@ from ..transformers_engine import (
 )
 from .common import (
     DTYPES,
-    EVEN_FIELDS,
-    Capture,
     Trace,
     decoder_layers,
     in_parallel,
-    layer_counts,
     recorded_reads,
-    set_field,
     size_fields,
     structure,
+    symbolic_fields,
     text_config,
-    trace_with_fallback,
 )
 from .lower import lower
 from .recorder import Recorder
@@ -54,7 +50,7 @@ from .symbolic import SymbolTable
 # Engine settings used while tracing: the engine's defaults where they exist (its block size, 8192 tokens per
 # batch); the cache pool is a fixed size so that cache-reading ops of different models can share signatures.
 NUM_BLOCKS, MAX_BATCH_TOKENS = 512, 8192
-HINTS = {"T": 37, "R": 5, "K": 901, "Ks": 263, "q": 11, "k": 397}  # trace-time values; the IR does not use them
+TRACE_SIZES = {"T": 37, "R": 5, "K": 901, "Ks": 263, "q": 11, "k": 397}  # the IR does not use them
 ATTENTION_OPS = {"aten.scaled_dot_product_attention", "aten.bmm", "aten.matmul", "aten.mm", "aten.baddbmm"}
 KEY_SYMBOLS = {"K", "Ks"}
 
@@ -92,7 +88,7 @@ def _groups(cache) -> list[list[int]]:
     return [groups[g] for g in sorted(groups)]
 
 
-def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, int], reads_cache: bool,
+def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, pinned: dict[str, int], reads_cache: bool,
                fields: dict[str, int], attention: str = ATTENTION) -> Trace:
     """Record one step of the engine on a model cut to its first `n_layers` decoder layers."""
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -106,12 +102,10 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, 
     from transformers.generation.logits_process import LogitsProcessorList
 
     symbols = SymbolTable()
-    config = text_config(cfg, n_layers, **concrete)
-    values = {**fields, **concrete}
-    for field, value in values.items():
-        if field not in concrete:
-            set_field(config, field, symbols.symint(field, value, even=field in EVEN_FIELDS))
-    T, R, K, Ks, q, k = (symbols.symint(n, HINTS[n]) for n in ("T", "R", "K", "Ks", "q", "k"))
+    config = text_config(cfg, n_layers, **pinned)
+    values = {**fields, **pinned}
+    symbolic_fields(config, values, pinned, symbols)
+    T, R, K, Ks, q, k = (symbols.symint(n, TRACE_SIZES[n]) for n in ("T", "R", "K", "Ks", "q", "k"))
     torch_dtype = DTYPES[dtype]
 
     saved_dtype = torch.get_default_dtype()
@@ -165,9 +159,9 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, 
                 runner.compute_batch(model, batch)
     except Exception as e:  # noqa: BLE001 - the model's or the engine's own reason, as one line
         raise DoolyError(f"{cfg.name}: {cfg.model_type}: the engine's step raises: {first_line(e)}") from None
-    ops = [replace(op, per="request") if op.scope.startswith("engine.attention_mask") else op
+    ops = [replace(op, runs_per="request") if op.scope.startswith("engine.attention_mask") else op
            for op in lower(rec.graph, symbols)]
-    return Trace(ops, values, symbols.guards(set(HINTS), set(values)), symbols.specialized() & set(values))
+    return Trace(ops, values, symbols.guards(set(TRACE_SIZES), set(values)), symbols.pinned() & set(values))
 
 
 def _substitute(op: Op, mapping: dict[str, str]) -> Op:
@@ -201,14 +195,14 @@ def merge_variants(general: list[Op], no_past: list[Op]) -> list[Op]:
     return out
 
 
-def trace_both(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, int], fields: dict[str, int],
+def trace_both(cfg: ModelConfig, n_layers: int, dtype: str, pinned: dict[str, int], fields: dict[str, int],
                attention: str = ATTENTION) -> Trace:
     """The step traced on both of the engine's paths (reading the cache or not), merged into one op list."""
     general, no_past = in_parallel(
-        lambda: trace_step(cfg, n_layers, dtype, concrete, True, fields, attention),
-        lambda: trace_step(cfg, n_layers, dtype, concrete, False, fields, attention))
+        lambda: trace_step(cfg, n_layers, dtype, pinned, True, fields, attention),
+        lambda: trace_step(cfg, n_layers, dtype, pinned, False, fields, attention))
     return Trace(merge_variants(general.ops, no_past.ops), general.values,
-                 sorted(set(general.guards) | set(no_past.guards)), general.specialized | no_past.specialized)
+                 sorted(set(general.guards) | set(no_past.guards)), general.pinned | no_past.pinned)
 
 
 def tp_plan(cfg: ModelConfig) -> dict[str, str]:
@@ -230,47 +224,44 @@ def check_serving_step(ops: list[Op], name: str, model_type: str) -> None:
                          f"cannot serve it")
 
 
-def capture(cfg: ModelConfig, dtype: str = "bf16") -> Capture:
-    try:
-        return _capture(cfg, dtype)
-    except DoolyError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the model's or the engine's own reason, as one line
-        raise DoolyError(f"{cfg.name}: {cfg.model_type}: the engine cannot run this model: {first_line(e)}") from None
+class TransformersFrontend:
+    """The `Frontend` of transformers' continuous-batching engine."""
 
+    name = "transformers"
+    trace_sizes = TRACE_SIZES
 
-def _capture(cfg: ModelConfig, dtype: str) -> Capture:
-    import transformers
+    def __init__(self, cfg: ModelConfig, dtype: str):
+        self.cfg, self.dtype = cfg, dtype
+        self.config = text_config(cfg)
+        self.model, reads = full_model(self.config)
+        self.attention = attention_of(self.model)
+        self.fields = size_fields(self.config, reads)
 
-    config = text_config(cfg)
-    model, reads = full_model(config)
-    attention = attention_of(model)
-    fields = size_fields(config, reads)
-    kinds = [structure(layer) for layer in decoder_layers(model, config.num_hidden_layers)]
-    firsts = sorted({kinds.index(kind) for kind in kinds})
-    n = firsts[-1] + 1
-    traced = [structure(layer) for layer in _traced_layers(cfg, n)]
-    if traced != kinds[:n]:
-        raise DoolyError(f"{cfg.name}: a model cut to {n} layers is not the full model's first {n} layers")
-    counts = layer_counts(kinds, n)
-    step, perturbed = trace_with_fallback(lambda concrete: trace_both(cfg, n, dtype, concrete, fields, attention))
-    check_serving_step(step.ops, cfg.name, cfg.model_type)
-    used = set(perturbed) | {n for op in step.ops for t in op.tensors() for d in t.dims() for n in names(d.expr)} | {
-        n for op in step.ops for text in _sym_attrs(op.attrs) for n in names(text)}
-    meta = GraphMeta(
-        architecture=(cfg.data.get("architectures") or [type(model).__name__])[0],
-        model_type=cfg.model_type, frontend="transformers", engine=ENGINE,
-        engine_version=transformers.__version__, attention=attention, dtype=dtype, tp=1,
-        config={f: v for f, v in step.values.items() if f in used}, concrete_fields=tuple(sorted(perturbed)),
-        request_symbols=tuple(sorted(HINTS)), layers=cfg.num_layers, layer_counts=counts,
-        # the engine reads through a window for the layers it groups as sliding (whatever the module says)
-        sliding_window=config.sliding_window if any(
-            d.expr == "Ks" for op in step.ops for t in op.tensors() for d in t.shape) else None,
-        engine_config={"block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS, "max_batch_tokens": MAX_BATCH_TOKENS,
-                       "sampling": "greedy"},
-        assumes=tuple(step.guards),
-    )
-    return Capture(Graph(cfg.name, meta, step.ops), perturbed)
+    def layer_kinds(self, n_layers: int | None) -> list[tuple]:
+        if n_layers is None:
+            return [structure(layer) for layer in decoder_layers(self.model, self.config.num_hidden_layers)]
+        return [structure(layer) for layer in _traced_layers(self.cfg, n_layers)]
+
+    def trace(self, n_layers: int, pinned: dict[str, int]) -> Trace:
+        return trace_both(self.cfg, n_layers, self.dtype, pinned, self.fields, self.attention)
+
+    def check(self, step: Trace) -> None:
+        check_serving_step(step.ops, self.cfg.name, self.cfg.model_type)
+
+    def engine_meta(self, step: Trace, moved) -> dict:
+        import transformers
+
+        used = set(moved) | {n for op in step.ops for t in op.tensors() for d in t.dims() for n in names(d.expr)} | {
+            n for op in step.ops for text in _sym_attrs(op.attrs) for n in names(text)}
+        return dict(
+            architecture=(self.cfg.data.get("architectures") or [type(self.model).__name__])[0],
+            engine=ENGINE, engine_version=transformers.__version__, attention=self.attention,
+            config={f: v for f, v in step.values.items() if f in used},
+            # the engine reads through a window for the layers it groups as sliding (whatever the module says)
+            sliding_window=self.config.sliding_window if any(
+                d.expr == "Ks" for op in step.ops for t in op.tensors() for d in t.shape) else None,
+            engine_config={"block_size": BLOCK_SIZE, "num_blocks": NUM_BLOCKS, "max_batch_tokens": MAX_BATCH_TOKENS,
+                           "sampling": "greedy"})
 
 
 def _sym_attrs(value):

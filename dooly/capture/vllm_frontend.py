@@ -51,18 +51,15 @@ from vllm.utils.platform_utils import is_pin_memory_available
 
 from ..config import ModelConfig, hf_config
 from ..errors import DoolyError
-from ..ir.graph import Graph, GraphMeta, Op
+from ..ir.graph import Op
 from .common import (
     DTYPES,
-    EVEN_FIELDS,
-    Capture,
     Trace,
     decoder_layers,
-    layer_counts,
     prefix_config,
     shape_values,
     structure,
-    trace_with_fallback,
+    symbolic_fields,
 )
 from .lower import attr_value, lower, tensor_spec
 from .recorder import Recorder
@@ -89,7 +86,7 @@ ATTENTION = AttentionBackendEnum.FLASH_ATTN
 # import; TRITON_MLA (its fourth) imports anywhere. Both run MLA as the same `unified_mla_attention_with_output` op.
 MLA_ATTENTION = AttentionBackendEnum.TRITON_MLA
 BLOCK_SIZE = CacheConfig.DEFAULT_BLOCK_SIZE  # the engine's default KV-cache block size, which FLASH_ATTN takes
-HINTS = {"T": 37, "R": 5, "K": 901, "Kmax": 263, "Tmax": 19}  # trace-time values; the IR does not use them
+TRACE_SIZES = {"T": 37, "R": 5, "K": 901, "Kmax": 263, "Tmax": 19}  # the IR does not use them
 ATTENTION_OPS = {"vllm.unified_attention_with_output", "vllm.unified_mla_attention_with_output"}
 KV_WRITE_OPS = {"vllm.unified_kv_cache_update", "vllm.unified_mla_kv_cache_update"}
 LINEAR_ATTENTION_OP = "vllm.qwen_gdn_attention_core"  # conv1d and the gated delta rule over each request's state
@@ -353,25 +350,22 @@ def with_forward_context(ops: list[Op], vc: VllmConfig, metadata: dict, layout: 
     return out
 
 
-def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, int]) -> Trace:
+def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, pinned: dict[str, int]) -> Trace:
     """Record one step of the engine on a model cut to its first `n_layers` decoder layers."""
     symbols = SymbolTable()
     full = hf_config(cfg)
     values = {**shape_values(full), **{f: getattr(full, f) for f in VLLM_FIELDS if type(getattr(full, f, None)) is int},
-              **concrete}
+              **pinned}
     with tempfile.TemporaryDirectory() as folder:
-        vc = engine_config(cfg, n_layers, dtype, folder, **concrete)
-        config = vc.model_config.hf_config
-        for field, value in values.items():
-            if field not in concrete:
-                object.__setattr__(config, field, symbols.symint(field, value, even=field in EVEN_FIELDS))
+        vc = engine_config(cfg, n_layers, dtype, folder, **pinned)
+        symbolic_fields(vc.model_config.hf_config, values, pinned, symbols)
         try:
             model = build_model(vc, symbols.fake_mode)
         except Exception as e:
             raise DoolyError(f"{cfg.name}: vLLM cannot build this model: {type(e).__name__}: {e}") from None
 
     # The step's inputs, as the runner keeps them on the device
-    T, R, K, Kmax, Tmax = (symbols.symint(n, HINTS[n]) for n in ("T", "R", "K", "Kmax", "Tmax"))
+    T, R, K, Kmax, Tmax = (symbols.symint(n, TRACE_SIZES[n]) for n in ("T", "R", "K", "Kmax", "Tmax"))
     with set_current_vllm_config(vc), symbols.fake_mode:
         batch = dict(input_ids=torch.empty(T, dtype=torch.int32), positions=torch.empty(T, dtype=torch.int64),
                      query_start_loc=torch.empty(R + 1, dtype=torch.int32),
@@ -395,23 +389,30 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, concrete: dict[str, 
         with rec.scope("engine.sample"):
             sample(logits)
     ops = with_forward_context(lower(rec.graph, symbols), vc, metadata, layout, batch["state_indices"], symbols, K)
-    return Trace(ops, values, symbols.guards(set(HINTS), set(values)), symbols.specialized() & set(values))
+    return Trace(ops, values, symbols.guards(set(TRACE_SIZES), set(values)), symbols.pinned() & set(values))
 
 
-def capture(cfg: ModelConfig, dtype: str = "bf16") -> Capture:
-    kinds, windows = _meta_layers(cfg, cfg.num_layers)
-    n = max(kinds.index(kind) for kind in kinds) + 1
-    if _meta_layers(cfg, n)[0] != kinds[:n]:
-        raise DoolyError(f"{cfg.name}: a model cut to {n} layers is not the full model's first {n} layers")
-    counts = layer_counts(kinds, n)
-    step, perturbed = trace_with_fallback(lambda concrete: trace_step(cfg, n, dtype, concrete))
-    meta = GraphMeta(
-        architecture=(cfg.data.get("architectures") or [cfg.model_type])[0],
-        model_type=cfg.model_type, frontend="vllm", engine="vllm", engine_version=vllm.__version__,
-        attention=ATTENTION.name, dtype=dtype, tp=1,
-        config=step.values, concrete_fields=tuple(sorted(perturbed)), request_symbols=tuple(sorted(HINTS)),
-        layers=cfg.num_layers, layer_counts=counts, sliding_window=max(windows, default=None),
-        engine_config={"block_size": BLOCK_SIZE, "custom_ops": "none", "sampling": "greedy"},
-        assumes=tuple(step.guards),
-    )
-    return Capture(Graph(cfg.name, meta, step.ops), perturbed)
+class VllmFrontend:
+    """The `Frontend` of vLLM's GPU model runner."""
+
+    name = "vllm"
+    trace_sizes = TRACE_SIZES
+
+    def __init__(self, cfg: ModelConfig, dtype: str):
+        self.cfg, self.dtype = cfg, dtype
+        self.kinds, self.windows = _meta_layers(cfg, cfg.num_layers)
+
+    def layer_kinds(self, n_layers: int | None) -> list[tuple]:
+        return self.kinds if n_layers is None else _meta_layers(self.cfg, n_layers)[0]
+
+    def trace(self, n_layers: int, pinned: dict[str, int]) -> Trace:
+        return trace_step(self.cfg, n_layers, self.dtype, pinned)
+
+    def check(self, step: Trace) -> None:
+        """vLLM serves every model it builds through its own attention layers."""
+
+    def engine_meta(self, step: Trace, moved) -> dict:
+        return dict(architecture=(self.cfg.data.get("architectures") or [self.cfg.model_type])[0],
+                    engine="vllm", engine_version=vllm.__version__, attention=ATTENTION.name, config=step.values,
+                    sliding_window=max(self.windows, default=None),
+                    engine_config={"block_size": BLOCK_SIZE, "custom_ops": "none", "sampling": "greedy"})
