@@ -104,8 +104,8 @@ def summary(graph: Graph, seconds: float, written: list[Path]) -> None:
     from rich.table import Table
 
     console = Console()
-    per_step = sum(op.count for op in graph.ops if op.per == "step")
-    per_request = sum(op.count for op in graph.ops if op.per == "request")
+    per_step = sum(op.count for op in graph.ops if op.runs_per == "step")
+    per_request = sum(op.count for op in graph.ops if op.runs_per == "request")
     meta = graph.meta
     head = Table(title=f"{graph.model}: one serving step ({meta.engine} {meta.engine_version}, "
                        f"{meta.attention}, {meta.dtype})", show_header=False)

@@ -78,7 +78,7 @@ def expected_gpu_us(graph, batch) -> float:
     for u in uses(graph, "paged|sdpa"):
         if (u.when is When.PAST_KEYS and K <= T) or (u.when is When.NO_PAST_KEYS and K > T):
             continue
-        envs = [{"q": q, "k": k} for q, k in batch] if u.per == "request" else [step]
+        envs = [{"q": q, "k": k} for q, k in batch] if u.runs_per == "request" else [step]
         for e in envs:
             total += u.count * fake_us({axis: evaluate(expr, e) for axis, expr in u.binding.items()})
     return total

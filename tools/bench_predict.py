@@ -50,7 +50,7 @@ def main() -> None:
     start = time.perf_counter()
     predictor.predict(batches)
     seconds = time.perf_counter() - start
-    per_request = sum(1 for g in predictor.groups if g.per == "request")
+    per_request = sum(1 for g in predictor.groups if g.runs_per == "request")
     ops = (len(predictor.groups) - per_request) * batches.n + per_request * len(batches.queries)
     print(f"vectorised: {ops:,} op predictions ({batches.n:,} steps, {len(predictor.groups)} op groups) in "
           f"{seconds:.2f} s = {ops / seconds / 1e6:.2f} million op predictions/s (target >= 1)")

@@ -33,7 +33,7 @@ class KernelCount:
         for op in graph.ops:
             if not op.scope.startswith(("engine.reset", "engine.attention_mask")):
                 launches = per_attention if op.name == "aten.scaled_dot_product_attention" else 1
-                n[op.when or ("request" if op.per == "request" else "")] += op.count * launches
+                n[op.when or ("request" if op.runs_per == "request" else "")] += op.count * launches
         return KernelCount(n[""], n["request"], n[When.PAST_KEYS], n[When.NO_PAST_KEYS], len(attention_keys(graph)))
 
     def __call__(self, R, reads):

@@ -23,7 +23,7 @@ from .expr import ExprError, names
 
 IR_VERSION = 2  # 2: the meta is a GraphMeta, each field typed and required; 1: a free dict, read leniently
 KINDS = ("config", "request", "mix", "const")
-PERS = ("step", "request")
+RUNS_PER = ("step", "request")
 
 REQUEST_SYMBOLS = {
     "T": "query tokens of the step, all requests packed",
@@ -152,7 +152,7 @@ class Op:
     attrs: dict = field(default_factory=dict)
     scope: str = ""
     count: int = 1
-    per: str = "step"  # "step": runs `count` times a step; "request": `count` times for each request
+    runs_per: str = "step"  # "step": runs `count` times a step; "request": `count` times for each request
     when: When | None = None  # None: the engine runs this op in every step
 
     def to_json(self) -> dict:
@@ -161,8 +161,8 @@ class Op:
             "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
             "attrs": self.attrs,
         }
-        if self.per != "step":
-            d["per"] = self.per
+        if self.runs_per != "step":
+            d["per"] = self.runs_per
         if self.when is not None:
             d["when"] = self.when.value
         return d
@@ -377,7 +377,7 @@ class _JsonReader:
                   self.get(d, "scope", path, lambda v: type(v) is str and SCOPE.fullmatch(v),
                            "a module scope (dotted names, digits or *)", ""),
                   self.get(d, "count", path, lambda v: is_int(v) and v > 0, "a positive count", 1),
-                  self.get(d, "per", path, lambda v: v in PERS, f"one of {', '.join(PERS)}", "step"),
+                  self.get(d, "per", path, lambda v: v in RUNS_PER, f"one of {', '.join(RUNS_PER)}", "step"),
                   self.when(d, path))
 
     def when(self, d, path: str) -> When | None:

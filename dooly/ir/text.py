@@ -31,8 +31,8 @@ from .graph import (
     IR_VERSION,
     MODEL_NAME,
     OP_NAME,
-    PERS,
     REQUEST_SYMBOLS,
+    RUNS_PER,
     SCOPE,
     Dim,
     Graph,
@@ -65,8 +65,8 @@ def format_op(i: int, op: Op) -> str:
     outs = ", ".join(map(format_tensor, op.outputs))
     outs = outs if len(op.outputs) == 1 else f"({outs})"
     line = f"%{i} = {op.name}({', '.join(map(format_tensor, op.inputs))}){attrs} -> {outs} @{op.scope} x{op.count}"
-    if op.per != "step":
-        line += f" per-{op.per}"
+    if op.runs_per != "step":
+        line += f" per-{op.runs_per}"
     if op.when is not None:
         line += f" when {op.when.value}"
     return line
@@ -251,7 +251,7 @@ def _op(cur: _Cursor, config, request, index: int) -> Op:
     per, when = "step", None
     if cur.peek(" per-"):
         cur.eat(" per-")
-        per = cur.word(" ", lambda t: t in PERS, f"one of {', '.join(PERS)} after 'per-'")
+        per = cur.word(" ", lambda t: t in RUNS_PER, f"one of {', '.join(RUNS_PER)} after 'per-'")
     if cur.peek(" when "):
         cur.eat(" when ")
         if cur.text[cur.pos:] not in CONDITIONS:

@@ -21,7 +21,7 @@ from .graph import (
     META_FIELDS,
     MODEL_NAME,
     OP_NAME,
-    PERS,
+    RUNS_PER,
     SCOPE,
     Dim,
     Graph,
@@ -115,8 +115,8 @@ def _op_fields(op: Op, request: frozenset[str]) -> Iterator[str]:
         yield f"scope {op.scope!r}: expected a module scope (dotted names, digits or *)"
     if not is_int(op.count) or op.count < 1:
         yield f"count {op.count!r}: expected a positive count"
-    if op.per not in PERS:
-        yield f"per {op.per!r}: expected one of {', '.join(PERS)}"
+    if op.runs_per not in RUNS_PER:
+        yield f"per {op.runs_per!r}: expected one of {', '.join(RUNS_PER)}"
     if op.when is not None and not isinstance(op.when, When):
         yield f"when {op.when!r}: expected a condition ({' or '.join(CONDITIONS)})"
     elif op.when is not None and not CONDITION_SYMBOLS <= request:
@@ -138,7 +138,7 @@ def _tensor_problems(t: TensorSpec, path: str, index: int, op: Op, config: dict[
     dims = [(f"{path}.shape[{k}]", d) for k, d in enumerate(t.shape)]
     dims += [(f"{path}.strides[{k}]", d) for k, d in enumerate(t.strides or ())]
     for where, d in dims:
-        if problem := _dim_problem(d, config, request, op.per):
+        if problem := _dim_problem(d, config, request, op.runs_per):
             yield f"{where}: dim {d.expr!r} {problem}"
 
 

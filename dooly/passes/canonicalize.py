@@ -83,7 +83,7 @@ class Use:
     signature: Signature
     binding: dict[str, str]  # axis -> expression over the IR's request symbols
     count: int
-    per: str
+    runs_per: str
     when: When | None
 
 
@@ -212,7 +212,7 @@ def uses(graph: Graph, backend: str, exact: bool = False) -> list[Use]:
     out = []
     for i, op in enumerate(graph.ops):
         sig, binding = signature(op, config, backend, exact)
-        out.append(Use(i, sig, binding, op.count, op.per, op.when))
+        out.append(Use(i, sig, binding, op.count, op.runs_per, op.when))
     return out
 
 

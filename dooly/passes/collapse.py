@@ -32,7 +32,7 @@ def _layer_key(ops: list[Op], start: int) -> tuple:
         return (t.dtype, t.shape, t.strides, src)
 
     return tuple((op.name, LAYER.sub(r"\1\2.*", op.scope), json.dumps(op.attrs, sort_keys=True),
-                  tuple(map(tensor, op.inputs)), tuple(map(tensor, op.outputs)), op.per, op.when) for op in ops)
+                  tuple(map(tensor, op.inputs)), tuple(map(tensor, op.outputs)), op.runs_per, op.when) for op in ops)
 
 
 def collapse(graph: Graph) -> Graph:

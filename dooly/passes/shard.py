@@ -100,12 +100,13 @@ def shard(graph: Graph, tp: int, plan: dict[str, str]) -> Graph:
         out = replace(op.outputs[0], src=len(ops) - 1)
         if op.scope in reduce_after:
             collective = Op(ALL_REDUCE, (out,), (replace(out, src=None),), {"reduce_op": "sum", "group_size": tp},
-                            op.scope, op.count, op.per, op.when)
+                            op.scope, op.count, op.runs_per, op.when)
         elif op.scope in gather_after:
             rows, cols = out.shape
             gathered = TensorSpec(out.dtype, (Dim(f"({rows.expr})*tp", "mix" if rows.kind != "config" else "config",
                                                   None), cols))
-            collective = Op(ALL_GATHER, (out,), (gathered,), {"group_size": tp}, op.scope, op.count, op.per, op.when)
+            collective = Op(ALL_GATHER, (out,), (gathered,), {"group_size": tp}, op.scope, op.count, op.runs_per,
+                            op.when)
         else:
             continue
         ops.append(collective)  # its output now stands for the projection's

@@ -152,7 +152,7 @@ class OpGroup:
     signature: Signature
     axes: tuple[str, ...]
     sizes: Callable[[dict], tuple]  # the axes' values from the step's (or the request's) symbols
-    per: str
+    runs_per: str
     when: When | None
     count: float = 0.0
     sites: dict[tuple[str, str], float] = field(default_factory=dict)  # count per (op, scope): the op breakdown
@@ -180,12 +180,12 @@ class Predictor:
         for u in uses(graph, backend):
             op = graph.ops[u.op_index]
             count = u.count * scale if "layers.*" in op.scope else u.count
-            key = (u.signature.hash, tuple(sorted(u.binding.items())), u.per, u.when)
+            key = (u.signature.hash, tuple(sorted(u.binding.items())), u.runs_per, u.when)
             if key not in groups:
-                groups[key] = OpGroup(u.signature, tuple(u.binding), evaluator(tuple(u.binding.values())), u.per,
+                groups[key] = OpGroup(u.signature, tuple(u.binding), evaluator(tuple(u.binding.values())), u.runs_per,
                                       u.when)
                 needs = tuple(sorted(set().union(*map(names, u.binding.values()))))
-                terms.setdefault((u.per, u.when, needs), []).append(groups[key])
+                terms.setdefault((u.runs_per, u.when, needs), []).append(groups[key])
             group = groups[key]
             group.count += count
             group.sites[(op.name, op.scope)] = group.sites.get((op.name, op.scope), 0.0) + count
@@ -216,7 +216,7 @@ class Predictor:
         gpu = np.zeros(n)
         beyond_grid: dict[str, np.ndarray] = {}
         for group in groups:
-            per_request = group.per == "request"
+            per_request = group.runs_per == "request"
             env = request if per_request else step
             m = len(request["q"]) if per_request else n
             values = {axis: np.broadcast_to(np.asarray(v, dtype=np.int64), (m,))
