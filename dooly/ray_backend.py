@@ -146,8 +146,8 @@ class Writer:
         if self._fresh(sig_hash, env, family, point):
             self.store.record_skip(sig_hash, env, point, reason, gpu_s)
 
-    def finish_sweep(self, sig_hash: str, env: str, gpu_seconds: float, points: int) -> None:
-        self.store.finish_sweep(sig_hash, env, gpu_seconds, points)
+    def finish_sweep(self, sig_hash: str, env: str, gpu_s: float, points: int) -> None:
+        self.store.finish_sweep(sig_hash, env, gpu_s, points)
 
     def counts(self) -> tuple[int, int]:
         return self.written, self.refused
@@ -179,8 +179,8 @@ class WriterStore:
         self.rows.setdefault(sig_hash, {})[point_key(point)] = {"status": "skipped", "median_us": None,
                                                                  "gpu_s": gpu_s}
 
-    def finish_sweep(self, sig_hash: str, env: str, gpu_seconds: float, points: int) -> None:
-        _ray().get(self.writer.finish_sweep.remote(sig_hash, env, gpu_seconds, points))
+    def finish_sweep(self, sig_hash: str, env: str, gpu_s: float, points: int) -> None:
+        _ray().get(self.writer.finish_sweep.remote(sig_hash, env, gpu_s, points))
 
 
 def _environment_task(backend: Backend):

@@ -89,11 +89,13 @@ def test_old_store_is_migrated_without_losing_rows(tmp_path):
     db.executescript(MIGRATIONS[0])
     db.execute("PRAGMA user_version = 1")
     db.execute("INSERT INTO signatures VALUES ('abc', 'aten.mm', 'gemm', '[]', '{}')")
+    db.execute("INSERT INTO sweeps VALUES ('abc', 1, 2.5, 3, 'then')")  # its device time, as gpu_seconds
     db.commit()
     db.close()
     store = Store(path)
     assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert store.signature("abc")["op"] == "aten.mm"
+    assert tuple(store.db.execute("SELECT gpu_s, points FROM sweeps").fetchone()) == (2.5, 3)
     assert store.counts()["host_overhead"] == 0
 
 

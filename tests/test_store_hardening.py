@@ -189,7 +189,7 @@ LINE_CASES = [
     ('{"table": "signatures", "row": {"hash": "h", "op": "x", "family": "gemm", "axes": "[]", "canonical": "[]"}}',
      "an object"),
     ('{"table": "sweeps", "row": {"signature": "0000000000000000", "environment": "h100/sdpa", '
-     '"gpu_seconds": "1", "points": 2, "finished_at": "now"}}', "must be a number"),
+     '"gpu_s": "1", "points": 2, "finished_at": "now"}}', "must be a number"),
     ("[" * 100000 + "]" * 100000, "not JSON"),
 ]
 
@@ -280,6 +280,18 @@ def test_signed_host_times_import(stores):
     code, out, err = dooly_main("store", "import", b, with_last_line(export_path, lines, json.dumps(host)))
     assert code == 0, err
     assert any(r["median_us"] == -9.5 for r in Store(b, readonly=True).host(ENV))
+
+
+def test_an_export_from_before_a_column_was_renamed_imports(stores):
+    export_path, b = stores
+    lines = export_lines(export_path)
+    sweep = next(x for x in lines if x.get("table") == "sweeps")
+    sweep["row"]["gpu_seconds"] = sweep["row"].pop("gpu_s")  # as schema version 4 named it
+    others = [x for x in lines if x is not sweep]
+    code, out, err = dooly_main("store", "import", b, with_last_line(export_path, others, json.dumps(sweep)))
+    assert code == 0, err
+    spent = Store(b, readonly=True).finished_sweeps(ENV)
+    assert spent[sweep["row"]["signature"]] == sweep["row"]["gpu_seconds"]
 
 
 def test_the_shipped_store_exports_and_imports_whole(shipped, tmp_path):

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             sigs, points = store.db.execute(
                 "SELECT COUNT(DISTINCT signature), COUNT(*) FROM measurements WHERE environment = ? AND "
                 "status = 'ok'", (env_id,)).fetchone()
-            spent = store.db.execute("SELECT COALESCE(SUM(gpu_seconds), 0) FROM sweeps WHERE environment = ?",
+            spent = store.db.execute("SELECT COALESCE(SUM(gpu_s), 0) FROM sweeps WHERE environment = ?",
                                      (env_id,)).fetchone()[0]
             table.add_row(env.name, env.gpu, f"{env.torch} / {env.cuda}", f"{env.engine} {env.engine_version}",
                           env.dtype, env.attention_backend, str(sigs), str(points), f"{spent:.1f}")

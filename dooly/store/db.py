@@ -321,22 +321,22 @@ class Store:
                 " measured_at, gpu_s) VALUES (?,?,?,0,'skipped',?,?,?)",
                 (sig_hash, env_id, point_key(point), reason, now(), gpu_s))
 
-    def finish_sweep(self, sig_hash: str, env_name: str, gpu_seconds: float, points: int) -> None:
+    def finish_sweep(self, sig_hash: str, env_name: str, gpu_s: float, points: int) -> None:
         env_id, _ = self.environment(env_name)
         with self.transaction():
             self.db.execute("INSERT OR REPLACE INTO sweeps VALUES (?,?,?,?,?)",
-                            (sig_hash, env_id, gpu_seconds, points, now()))
+                            (sig_hash, env_id, gpu_s, points, now()))
 
     def finished_sweeps(self, env_name: str) -> dict[str, float]:
         """Signatures with a finished sweep usable in `env_name`, with the GPU-seconds that sweep cost."""
         env_id, same_base = self._same_machine(env_name)
         rows = self.db.execute(
-            f"SELECT s.signature, s.environment, s.gpu_seconds, g.family FROM sweeps s JOIN signatures g"
+            f"SELECT s.signature, s.environment, s.gpu_s, g.family FROM sweeps s JOIN signatures g"
             f" ON g.hash = s.signature WHERE s.environment IN ({','.join('?' * len(same_base))})", same_base)
         out = {}
         for r in rows:
             if r["environment"] == env_id or r["family"] not in BACKEND_FAMILIES:
-                out[r["signature"]] = r["gpu_seconds"]
+                out[r["signature"]] = r["gpu_s"]
         return out
 
     def points(self, sig_hash: str, env_name: str, family: str) -> dict[str, dict]:

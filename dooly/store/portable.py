@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import DoolyError
 from .db import Environment, Store, point_key
-from .schema import SCHEMA_VERSION, TABLES, Column, columns
+from .schema import RENAMED_COLUMNS, SCHEMA_VERSION, TABLES, Column, columns
 
 FORMAT = "dooly-store"
 ENVIRONMENT = "environment"  # a column that refers to an environment: its name in the file, its id in a store
@@ -116,6 +116,7 @@ def _row(item, path: Path, lineno: int) -> Row:
     table, values = item["table"], item["row"]
     if not isinstance(table, str) or table not in TABLES:
         raise bad(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
+    values = {RENAMED_COLUMNS.get((table, name), name): value for name, value in values.items()}
     cols = imported_columns(table)
     for name in values:
         if name not in cols:

@@ -81,7 +81,13 @@ MIGRATIONS = [
         PRIMARY KEY (environment, point)
     )
     """,
+    # 5: a sweep's device time under the name a point's has
+    """
+    ALTER TABLE sweeps RENAME COLUMN gpu_seconds TO gpu_s
+    """,
 ]
+# columns a migration renamed, as an export written before it names them: (table, old name) -> name
+RENAMED_COLUMNS = {("sweeps", "gpu_seconds"): "gpu_s"}
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
