@@ -54,7 +54,7 @@ def test_olmo2_normalises_the_whole_projection():
 
 def test_partial_rotary_halves_are_both_written_with_head_dim():
     g = zoo_graph("glm-4-9b-0414")  # THUDM/GLM-4-9B-0414: 32 heads of 128, 2 KV heads, rotary over half of each head
-    assert g.meta.concrete_fields == ("head_dim",)  # int(head_dim * partial_rotary_factor) pins it
+    assert g.meta.pinned_fields == ("head_dim",)  # int(head_dim * partial_rotary_factor) pins it
     for cat in find(g, "self_attn", "aten.cat"):
         rotated, passed = (exprs(t)[-1] for t in cat.inputs)
         assert (rotated, passed, exprs(cat.outputs[0])[-1]) == ("(head_dim//2)", "(head_dim//2)", "head_dim")

@@ -57,7 +57,7 @@ def test_serving_step_of_the_engine():
     assert fill.name == "aten.fill_.Scalar"
     mask = find(g, "engine.attention_mask.full_attention")
     assert {op.runs_per for op in mask} == {"request"} and exprs(mask[0].outputs[0]) == ["1", "1", "q", "k"]
-    assert g.meta.concrete_fields == ("head_dim",)  # pinned by rotary embeddings, recovered by perturbation
+    assert g.meta.pinned_fields == ("head_dim",)  # pinned by rotary embeddings, recovered by perturbation
     (inv_freq,) = find(g, "model.rotary_emb", "aten.bmm")
     assert exprs(inv_freq.inputs[0]) == ["1", "(head_dim//2)", "1"]
 
@@ -122,7 +122,7 @@ def test_moe_experts_run_as_grouped_gemms(name, experts, width):
     assert exprs(up.inputs[1]) == ["num_local_experts", "hidden_size", f"2*{width}"]
     assert up.inputs[1].shape[0].value == experts and up.inputs[0].shape[0].kind == "mix"
     assert exprs(down.outputs[0]) == ["T*num_experts_per_tok", "hidden_size"]
-    assert "num_local_experts" in g.meta.concrete_fields  # histc(bins=...) pins it; perturbation recovers it
+    assert "num_local_experts" in g.meta.pinned_fields  # histc(bins=...) pins it; perturbation recovers it
 
 
 def test_collapse_of_a_full_depth_trace_equals_the_traced_prefix():

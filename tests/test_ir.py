@@ -112,10 +112,18 @@ def test_a_version_1_meta_reads_as_a_typed_one():
     data = json.loads(g.dumps_json())
     data["ir_version"], data["meta"] = 1, {"config": {"hidden_size": 64}, "request_symbols": ["T"]}
     assert Graph.from_json(data).meta == GraphMeta(config={"hidden_size": 64}, request_symbols=("T",))
-    assert dumps(g).startswith("ir 2\n")
+    assert dumps(g).startswith("ir 3\n")
 
 
-def test_a_version_2_meta_is_checked_field_by_field():
+def test_a_version_2_meta_reads_its_pinned_fields_under_their_old_name():
+    text = dumps(loads(V1_TEXT)).replace("ir 3", "ir 2")
+    text = text.replace('"pinned_fields": []', '"concrete_fields": ["head_dim"]')
+    assert loads(text).meta.pinned_fields == ("head_dim",)
+    with pytest.raises(ParseError, match="concrete_fields: expected no such field"):
+        loads(text.replace("ir 2", "ir 3"))
+
+
+def test_a_current_meta_is_checked_field_by_field():
     text = dumps(loads(V1_TEXT))
     for old, new, error in [
         ('"layers": 2', '"layers": 0', r"^line 3: meta\.layers: expected a positive number of layers"),

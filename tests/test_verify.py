@@ -73,8 +73,8 @@ BROKEN = {
         GOLDEN.with_ops(GOLDEN.ops, layer_counts={0: 13, 1: 12}), r"meta.layer_counts add up to 25 layers"),
     "a layer that collapse left numbered": (_numbered_layer(GOLDEN), r"in layer 3, which no collapse folded"),
     "collapsed layers without groups": (GOLDEN.with_ops(GOLDEN.ops, layer_groups=()), r"but no layer groups"),
-    "a concrete field that is no config field": (
-        GOLDEN.with_ops(GOLDEN.ops, concrete_fields=("n_embd",)), r"meta.concrete_fields: n_embd not in the config"),
+    "a pinned field that is no config field": (
+        GOLDEN.with_ops(GOLDEN.ops, pinned_fields=("n_embd",)), r"meta.pinned_fields: n_embd not in the config"),
     "a meta field of the wrong type": (
         GOLDEN.with_ops(GOLDEN.ops, sliding_window="4096"), r"meta.sliding_window: expected null or a window size"),
 }

@@ -158,7 +158,7 @@ def test_equal_numbers_get_their_own_fields():
     o_proj = _mm(g, "self_attn.o_proj")
     assert exprs(o_proj.inputs[0]) == ["T", "head_dim*num_attention_heads"]
     assert exprs(o_proj.outputs[0]) == ["T", "hidden_size"]
-    assert g.meta.concrete_fields == ()  # every field stayed a symbol, the head size included
+    assert g.meta.pinned_fields == ()  # every field stayed a symbol, the head size included
 
 
 def test_request_dims_do_not_depend_on_trace_sizes(monkeypatch):
@@ -216,7 +216,7 @@ def test_deepseek_dense_first_layers_and_shared_experts():
     assert ["n_routed_experts", "hidden_size", "moe_intermediate_size"] in weights
     assert ["2*moe_intermediate_size*n_shared_experts", "hidden_size"] in weights  # n_shared_experts=1: moved
     assert ["hidden_size", "moe_intermediate_size*n_shared_experts"] in weights
-    assert g.meta.concrete_fields == ("n_shared_experts",)
+    assert g.meta.pinned_fields == ("n_shared_experts",)
 
 
 def test_qwen3_next_gated_delta_net_layers():

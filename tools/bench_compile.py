@@ -19,5 +19,5 @@ for path in sorted((ROOT / "configs").glob("*.json")):
     dt = time.perf_counter() - t
     total += dt
     print(f"{path.stem:<18} {dt:6.2f} s  ({len(graph.ops)} IR ops, fields pinned: "
-          f"{', '.join(graph.meta.concrete_fields) or '-'})")
+          f"{', '.join(graph.meta.pinned_fields) or '-'})")
 print(f"{'zoo':<18} {total:6.2f} s")

@@ -48,7 +48,7 @@ def _capture(engine: Frontend, cfg: ModelConfig, dtype: str) -> Capture:
     step, perturbed = trace_with_fallback(lambda pinned: engine.trace(n, pinned))
     engine.check(step)
     meta = GraphMeta(model_type=cfg.model_type, frontend=engine.name, dtype=dtype, tp=1,
-                     concrete_fields=tuple(sorted(perturbed)), request_symbols=tuple(sorted(engine.trace_sizes)),
+                     pinned_fields=tuple(sorted(perturbed)), request_symbols=tuple(sorted(engine.trace_sizes)),
                      layers=cfg.num_layers, layer_counts=layer_counts(kinds, n), assumes=tuple(step.guards),
                      **engine.engine_meta(step, perturbed))
     return Capture(Graph(cfg.name, meta, step.ops), perturbed)

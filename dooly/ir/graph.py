@@ -21,7 +21,8 @@ from typing import Any
 from ..errors import DoolyError
 from .expr import ExprError, names
 
-IR_VERSION = 2  # 2: the meta is a GraphMeta, each field typed and required; 1: a free dict, read leniently
+IR_VERSION = 3  # 3: the meta names its pinned fields `pinned_fields` (2: `concrete_fields`); 2: the meta is a
+# GraphMeta, each field typed and required; 1: a free dict, read leniently
 KINDS = ("config", "request", "mix", "const")
 RUNS_PER = ("step", "request")
 
@@ -196,7 +197,7 @@ class GraphMeta:
     dtype: str = ""
     tp: int = 1  # tensor-parallel ranks: the ops are one rank's
     config: dict[str, int] = field(default_factory=dict)  # the values of the config fields that dims read
-    concrete_fields: tuple[str, ...] = ()  # fields torch pinned to numbers while tracing, recovered by the taint pass
+    pinned_fields: tuple[str, ...] = ()  # fields torch pinned to numbers while tracing, recovered by the taint pass
     request_symbols: tuple[str, ...] = ()
     layers: int = 1  # decoder layers of the model served
     layer_counts: dict[int, int] = field(default_factory=dict)  # traced layer -> the model's layers it stands for
@@ -251,7 +252,7 @@ META_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dtype": (_meta_name, "a dtype"),
     "tp": (_count, "a positive number of ranks"),
     "config": (_object(FIELD, _count), "config field names with positive integer values"),
-    "concrete_fields": (_strings(FIELD), "a list of config field names"),
+    "pinned_fields": (_strings(FIELD), "a list of config field names"),
     "request_symbols": (lambda v: type(v) is list and all(type(x) is str and x in REQUEST_SYMBOLS for x in v),
                         f"request symbols of {', '.join(REQUEST_SYMBOLS)}"),
     "layers": (_count, "a positive number of layers"),
@@ -277,9 +278,12 @@ def _typed(key: str, value):
 
 def meta_from_json(d, version: int, path: str = "meta") -> GraphMeta:
     """The GraphMeta of `GraphMeta.to_json`'s output, each field checked: IRError names the path of the first fault.
-    A version-1 meta was a free dict: a field it lacks takes its default, a key GraphMeta has not is left out."""
+    A version-1 meta was a free dict: a field it lacks takes its default, a key GraphMeta has not is left out; a
+    version-2 one named the pinned fields `concrete_fields`."""
     if type(d) is not dict:
         raise IRError(f"{path}: expected an object")
+    if version <= 2 and "concrete_fields" in d:
+        d = {"pinned_fields" if k == "concrete_fields" else k: v for k, v in d.items()}
     for key in d:
         if key not in META_FIELDS and version >= 2:
             raise IRError(f"{path}.{key}: expected no such field (the meta's fields are {', '.join(META_FIELDS)})")

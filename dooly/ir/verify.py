@@ -61,8 +61,8 @@ def _meta_problems(model: str, meta: GraphMeta) -> Iterator[str]:
             yield f"meta.{key}: expected {what}"
     if meta.config.get("tp", meta.tp) != meta.tp:
         yield f"meta.tp is {meta.tp}, the config's tp {meta.config['tp']}"
-    if unknown := sorted(set(meta.concrete_fields) - set(meta.config)):
-        yield f"meta.concrete_fields: {', '.join(unknown)} not in the config"
+    if unknown := sorted(set(meta.pinned_fields) - set(meta.config)):
+        yield f"meta.pinned_fields: {', '.join(unknown)} not in the config"
     if meta.layer_counts and sum(meta.layer_counts.values()) != meta.layers:
         yield f"meta.layer_counts add up to {sum(meta.layer_counts.values())} layers, the model has {meta.layers}"
     yield from _group_problems(meta)
