@@ -56,6 +56,8 @@ BROKEN = {
     "a config field missing from the meta": (
         GOLDEN.with_ops(GOLDEN.ops, config={k: v for k, v in GOLDEN.meta.config.items() if k != "vocab_size"}),
         r"unknown symbols vocab_size"),
+    "a negative size": (_with_dim(GOLDEN, MM, Dim("hidden_size - 4096", "config", -1792)),
+                        r"dim 'hidden_size - 4096' is negative"),
     "a request dim with a value": (_with_dim(GOLDEN, MM, Dim("T", "request", 8)), r"is a request dim with a value"),
     "one request's size in a per-step op": (_with_dim(GOLDEN, MM, Dim("q", "request")), r"reads one request's sizes"),
     "an input made by a later op": (

@@ -151,7 +151,9 @@ def _dim_problem(d: Dim, config: dict[str, int], request: frozenset[str], per: s
     if d.kind != kind:
         return f"is labelled {d.kind!r}, its symbols make it {kind!r}"
     if kind in ("config", "const"):
-        return None if is_int(d.value) and d.value == value else f"has value {d.value!r}, the config gives {value}"
+        if not (is_int(d.value) and d.value == value):
+            return f"has value {d.value!r}, the config gives {value}"
+        return None if value >= 0 else "is negative: sizes and strides are never below 0"
     if d.value is not None:
         return f"is a {kind} dim with a value ({d.value!r}): only config and const dims have one"
     if per == "step" and names(d.expr) & PER_REQUEST_SYMBOLS:
