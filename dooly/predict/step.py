@@ -158,6 +158,18 @@ class OpGroup:
     sites: dict[tuple[str, str], float] = field(default_factory=dict)  # count per (op, scope): the op breakdown
 
 
+@dataclass
+class Term:
+    """The groups of one condition that read the same symbols (`needs`): what `Predictor.step` predicts together
+    and remembers by those symbols' values."""
+
+    runs_per: str
+    when: When | None
+    needs: tuple[str, ...]
+    members: list[OpGroup]
+    memo: dict[tuple, tuple[float, frozenset]] = field(default_factory=dict)  # values -> (GPU µs, warnings)
+
+
 def runs(when: When | None, reads):
     """Whether the engine runs an op of condition `when` in steps that read past keys (`reads`) or not: a bool, or
     an array of them for an array of steps."""
@@ -190,8 +202,7 @@ class Predictor:
             group.count += count
             group.sites[(op.name, op.scope)] = group.sites.get((op.name, op.scope), 0.0) + count
         self.groups = list(groups.values())
-        # `step`'s memo: the GPU time of all groups that read the same symbols, keyed by their values
-        self.terms = [(per, when, needs, members, {}) for (per, when, needs), members in terms.items()]
+        self.terms = [Term(per, when, needs, members) for (per, when, needs), members in terms.items()]
         self.layer_scale = scale
         self.keys = attention_keys(graph)
         self.kernels = KernelCount.of(graph, backend)
@@ -260,15 +271,15 @@ class Predictor:
         values = {k: int(v[0]) for k, v in self.symbols(b)[0].items()}
         reads = values["K"] > values["T"]
         gpu, extrapolated = 0.0, frozenset()
-        for per, when, needs, members, memo in self.terms:
-            if not runs(when, reads):
+        for term in self.terms:
+            if not runs(term.when, reads):
                 continue
-            rows = batch if per == "request" else [tuple(values[s] for s in needs)]
-            missing = {r for r in rows if r not in memo}
+            rows = batch if term.runs_per == "request" else [tuple(values[s] for s in term.needs)]
+            missing = {r for r in rows if r not in term.memo}
             if missing:
-                self._remember(per, needs, members, memo, missing)
+                self._remember(term, missing)
             for r in rows:
-                us, beyond_grid = memo[r]
+                us, beyond_grid = term.memo[r]
                 gpu += us
                 if beyond_grid:  # seldom: most rows lie inside their grids
                     extrapolated |= beyond_grid
@@ -282,8 +293,9 @@ class Predictor:
         """Kernels the forward launches, scaled as the model's layers are."""
         return self.kernels(requests, reads) * self.layer_scale
 
-    def _remember(self, per: str, needs: tuple, members: list, memo: dict, missing: set) -> None:
-        names = ("q", "k") if per == "request" else needs
+    def _remember(self, term: Term, missing: set) -> None:
+        per = term.runs_per
+        names = ("q", "k") if per == "request" else term.needs
         running = next((i for i, s in enumerate(names) if s in ("k", "K", "Ks")), 0 if len(names) == 1 else None)
         rows = set()
         for key in missing:
@@ -296,10 +308,10 @@ class Predictor:
             rows.update(key[:running] + (v,) + key[running + 1:] for v in range(first, first + size))
         rows = sorted(rows)
         cols = {s: np.array(c, dtype=np.int64) for s, c in zip(names, zip(*rows))} if names else {}
-        us, beyond_grid = self._gpu(members, len(rows), {} if per == "request" else cols,
+        us, beyond_grid = self._gpu(term.members, len(rows), {} if per == "request" else cols,
                                     cols if per == "request" else {})
         for i, row in enumerate(rows):  # each row with the warnings of its own prediction
-            memo[row] = (float(us[i]), frozenset(w for w, mask in beyond_grid.items() if mask[i]))
+            term.memo[row] = (float(us[i]), frozenset(w for w, mask in beyond_grid.items() if mask[i]))
 
 
 def _starts(b: Batches) -> np.ndarray:
