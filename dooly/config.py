@@ -128,9 +128,11 @@ def _check_built(text, where: str) -> None:
 
 
 def _check_number(params: dict, field: str, where: str) -> None:
+    """A number, or a list of numbers, one per layer (Granite-SWA's `layer_rope_theta`)."""
     value = params.get(field)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-        raise DoolyError(f"{where}: field {field!r} must be a number, got {value!r}")
+    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731
+    if value is not None and not (real(value) or isinstance(value, list) and value and all(map(real, value))):
+        raise DoolyError(f"{where}: field {field!r} must be a number or a list of them, got {value!r}")
 
 
 def parse_config(data, name: str, where: str, max_layers: int = MAX_LAYERS) -> ModelConfig:

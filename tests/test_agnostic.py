@@ -193,6 +193,21 @@ def test_a_depth_stored_under_its_own_name_is_not_a_size():
     assert fields == {"hidden_size": 128, "num_attention_heads": 4}  # the trace cuts the depth, no field sets it
 
 
+def test_a_field_numpy_reads_stays_a_symbol():
+    # CTRL scales its embeddings by np.sqrt(d_model): numpy asks the SymInt for its square root
+    g = compile_dict({"model_type": "ctrl", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 256, "dff": 128},
+                     name="tiny-ctrl")
+    (scale,) = find(g, "transformer", "aten.mul_.Tensor")
+    assert scale.attrs["other"] == 8.0 and exprs(scale.outputs[0]) == ["1", "T", "hidden_size"]
+
+
+def test_per_layer_rope_thetas_are_accepted():
+    g = compile_dict({"model_type": "granite_swa", "hidden_size": 64, "intermediate_size": 128,
+                      "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 256,
+                      "layer_rope_theta": [10000.0, 500000.0]}, name="tiny-granite-swa")
+    assert g.meta.attention == "paged|eager" and sum(grp.count for grp in g.meta.layer_groups) == 2
+
+
 def test_a_model_that_bypasses_the_paged_cache_is_refused():
     with pytest.raises(DoolyError, match="never writes the engine's paged KV cache"):
         compile_dict({"model_type": "gptj", "n_embd": 128, "n_head": 4, "n_layer": 2, "vocab_size": 512,

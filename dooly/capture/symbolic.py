@@ -20,6 +20,8 @@ from ..ir.expr import render
 # `nn.LayerNorm(config.hidden_size)` checks `isinstance(size, numbers.Integral)` before wrapping a size in a tuple;
 # a SymInt is an integer in every other respect.
 numbers.Integral.register(torch.SymInt)
+# numpy's ufuncs call a method of their own name on an object (CTRL scales its embeddings by `np.sqrt(d_model)`)
+torch.SymInt.sqrt = torch.sym_sqrt
 
 _RULES = {
     tsf.FloorDiv: lambda a, b: sympy.floor(a / b),
