@@ -201,6 +201,19 @@ def test_a_field_numpy_reads_stays_a_symbol():
     assert scale.attrs["other"] == 8.0 and exprs(scale.outputs[0]) == ["1", "T", "hidden_size"]
 
 
+def test_a_moved_trace_that_proves_strides_contiguous_still_aligns():
+    # Laguna's attention: a clone's strides print where torch cannot prove them contiguous, and not in the trace
+    # with head_dim moved, where it can
+    from dooly.ir.graph import Dim, Graph, GraphMeta, Op, TensorSpec
+    from dooly.passes.taint import attribute
+
+    base = TensorSpec("bf16", (Dim("T", None), Dim("64", None)), (Dim("64", None), Dim("1", None)))
+    moved = TensorSpec("bf16", (Dim("T", None), Dim("128", None)))
+    graph = Graph("m", GraphMeta(config={"head_dim": 64}, request_symbols=("T",)), [Op("aten.clone", (base,), (base,))])
+    out = attribute(graph, {"head_dim": [(128, [Op("aten.clone", (moved,), (moved,))])]}).ops[0].outputs[0]
+    assert [d.expr for d in out.shape] == ["T", "head_dim"] and [d.expr for d in out.strides] == ["head_dim", "1"]
+
+
 def test_per_layer_rope_thetas_are_accepted():
     g = compile_dict({"model_type": "granite_swa", "hidden_size": 64, "intermediate_size": 128,
                       "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 256,

@@ -13,7 +13,7 @@ from dataclasses import replace
 import sympy
 
 from ..ir.expr import evaluate, names, render, to_sympy
-from ..ir.graph import REQUEST_SYMBOLS, Dim, Graph, Op, map_dims
+from ..ir.graph import REQUEST_SYMBOLS, Dim, Graph, Op, TensorSpec, map_dims
 
 
 class AttributionError(ValueError):
@@ -37,6 +37,23 @@ def _at(expr: str, field: str, value: int) -> str:
     return render(to_sympy(expr).subs(sympy.Symbol(field, integer=True, positive=True), value))
 
 
+def _in_layout_of(base: TensorSpec, moved: TensorSpec) -> list[str]:
+    """The moved tensor's dims, one for each of the base's: strides the moved trace left out (it proved them
+    contiguous, where the base could not) are the contiguous strides of its shape."""
+    if len(moved.shape) != len(base.shape):
+        raise AttributionError(f"a tensor of rank {len(base.shape)} has rank {len(moved.shape)} in the moved trace")
+    exprs = [d.expr for d in moved.shape]
+    if base.strides is None:
+        return exprs
+    if moved.strides is not None:
+        return exprs + [d.expr for d in moved.strides]
+    strides, stride = [], sympy.Integer(1)
+    for d in reversed(moved.shape):
+        strides.append(render(stride))
+        stride = sympy.expand(stride * to_sympy(d.expr))
+    return exprs + strides[::-1]
+
+
 def _same(moved: str, base: str, others: dict) -> bool:
     return moved == base or sympy.simplify(to_sympy(moved) - to_sympy(base).subs(others)) == 0
 
@@ -52,12 +69,13 @@ def attribute(graph: Graph, perturbed: dict[str, list[tuple[int, list[Op]]]]) ->
         # each moved trace holds the other perturbed fields at their values: a dim written with them is unmoved
         others = {to_sympy(f): graph.config_values[f] for f in perturbed if f != field}
         for value, other in runs:
-            if [o.name for o in other] != [o.name for o in ops]:
+            if [(o.name, len(o.tensors())) for o in other] != [(o.name, len(o.tensors())) for o in ops]:
                 raise AttributionError(f"tracing with {field}={value} ran other ops: cannot align the two steps")
         solved = []
         for i, op in enumerate(ops):
             flat = [d.expr for t in op.tensors() for d in t.dims()]
-            moved = [[d.expr for t in other[i].tensors() for d in t.dims()] for _, other in runs]
+            moved = [[e for t, m in zip(op.tensors(), other[i].tensors()) for e in _in_layout_of(t, m)]
+                     for _, other in runs]
             # a dim written with the field can still hold a number the field pinned (`head_dim - 64` past a partial
             # rotary slice of `int(0.5*head_dim)`): it is right as it is only where it gives each moved trace's dim
             exprs = iter([e if all(_same(m[j], _at(e, field, v), others) for (v, _), m in zip(runs, moved)) else
