@@ -20,12 +20,21 @@ UNLIMITED = 1 << 40  # memory enough for any cache: its size then comes from `nu
 
 
 def model_class(config):
+    """The causal-LM class of a (text) config: registered for its type, or, for the text part of a composite
+    config (Mllama's `MllamaTextConfig`), the class registered for its family that takes it."""
+    import transformers
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
         return AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:
-        raise DoolyError(f"{config.model_type}: transformers has no causal-LM class for it") from None
+        pass
+    family = type(config).__module__.split(".")[-2]  # transformers.models.<family>.configuration_<family>
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(family, ""), None)
+    if cls is None or getattr(cls, "config_class", None) is not type(config):
+        raise DoolyError(f"{config.model_type}: transformers has no causal-LM class for it")
+    return cls
 
 
 @contextlib.contextmanager

@@ -214,6 +214,18 @@ def test_a_moved_trace_that_proves_strides_contiguous_still_aligns():
     assert [d.expr for d in out.shape] == ["T", "head_dim"] and [d.expr for d in out.strides] == ["head_dim", "1"]
 
 
+def test_the_causal_lm_of_a_composite_family_takes_its_text_config():
+    # MllamaForCausalLM is registered for MllamaConfig and built from its text part, MllamaTextConfig
+    g = compile_dict({"model_type": "mllama", "text_config": {
+        "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_hidden_layers": 2, "vocab_size": 256, "cross_attention_layers": [], "pad_token_id": 0}},
+        name="tiny-mllama")
+    assert g.meta.architecture == "MllamaForCausalLM"
+    # its attention derives the head size from hidden_size, as the config has no head_dim
+    q = _mm(g, "self_attn.q_proj").outputs[0]
+    assert exprs(q) == ["T", "num_attention_heads*(hidden_size//num_attention_heads)"]
+
+
 def test_per_layer_rope_thetas_are_accepted():
     g = compile_dict({"model_type": "granite_swa", "hidden_size": 64, "intermediate_size": 128,
                       "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 256,
