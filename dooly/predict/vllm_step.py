@@ -25,6 +25,7 @@ import bisect
 import json
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -119,11 +120,22 @@ class HostFloor:
         return curve(r if t == r else t) if curve else 0.0
 
 
+class PieceTerm(NamedTuple):
+    """One use of a piece or of attention in the step, and how the step's sizes reach its curve: `kind` "padded" for
+    a piece run at the step's padded token count (inside a CUDA graph), "rows" at the step's own sizes, "attention"
+    over each request."""
+
+    kind: str
+    count: int
+    curve: Curve | AttentionCurve
+    binding: dict  # the piece's one axis -> its expression over T and R (empty for attention)
+
+
 @dataclass
 class StepModel:
     """A model's vLLM step, every use bound to its measured curve."""
 
-    terms: list[tuple[str, int, Curve | AttentionCurve, dict]]  # (kind, count, curve, binding): padded, attention, rows
+    terms: list[PieceTerm]
     host: dict[int, HostFloor]  # by the depth of the model it was measured on
     layers: int
     launch: dict[int, HostFloor] = field(default_factory=dict)  # the host's span from execute_model to sampled
@@ -213,7 +225,7 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
     from ..passes.pieces import piece_uses
 
     env = vllm_environment(store, backend)
-    terms: list[tuple[str, int, Curve | AttentionCurve, dict]] = []
+    terms: list[PieceTerm] = []
     for use in piece_uses(graph, backend):
         sig = use.signature
         points = _medians(store, env, sig)
@@ -222,12 +234,12 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
                              f"{env}: dooly profile --engine vllm --backend {backend} measures it")
         if sig.op in ATTENTION_OPS:
             batches = {(p["R"], p["q"], p["c"]): us for p, us in ((json.loads(k), v) for k, v in points.items())}
-            terms.append(("attention", use.count, AttentionCurve(batches), {}))
+            terms.append(PieceTerm("attention", use.count, AttentionCurve(batches), {}))
             continue
         (axis,) = sig.axes
         xs, ys = zip(*sorted(_as_run(points, axis).items()))
         inside = sig.family == "piece" or graph.ops[use.op_index].scope.startswith("model.")
-        terms.append(("padded" if inside else "rows", use.count, Curve(xs, ys), use.binding))
+        terms.append(PieceTerm("padded" if inside else "rows", use.count, Curve(xs, ys), use.binding))
     floors: dict[int, dict[str, list]] = {}
     launches: dict[int, dict[str, list]] = {}
     leads: dict[int, dict[str, list]] = {}
