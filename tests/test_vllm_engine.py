@@ -114,6 +114,17 @@ def test_a_malformed_calibration_file_is_one_error_line_and_exit_code_2(tmp_path
     assert len(err) == 1 and err[0].startswith("error:") and "calibration file" in err[0]
 
 
+def test_ground_truth_refuses_a_missing_config_before_any_engine_starts(tmp_path, capsys):
+    from dooly.bench.vllm_engine import main
+
+    args = ["groundtruth", "--models", str(ROOT / "configs" / "llama-3.1-8b.json"), str(tmp_path / "nope.json"),
+            "--out", str(tmp_path / "gt")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "nope.json: no such file" in err[0]
+    assert not (tmp_path / "gt").exists()
+
+
 def test_a_v1_runner_calibration_is_kept_apart_from_the_v2_one(tmp_path):
     import shutil
 

@@ -8,7 +8,7 @@ and token times are taken where a user of the offline engine sees them, after ea
 
     python -m dooly.bench.vllm_engine check                      # a tiny model: bring-up and per-step times
     python -m dooly.bench.vllm_engine calibrate --store S        # the engine's own cost per step, into the store
-    python -m dooly.bench.vllm_engine groundtruth --models llama-3.1-8b --out DIR [--backend FLASH_ATTN] [--eager]
+    python -m dooly.bench.vllm_engine groundtruth --models configs/llama-3.1-8b.json --out DIR [--backend FLASH_ATTN]
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pathlib import Path
 from ..environment import VLLM_BACKENDS as BACKENDS
 from ..errors import command
 
-CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
 TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
         "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 32000,
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16"}
@@ -478,19 +477,23 @@ def _vllm_traces(max_context: int) -> dict[str, tuple[list[tuple[float, int, int
     return {**{name: (fit(reqs), 0) for name, reqs in traces(max_context).items()}, "prefix@inf": (shared, 2048)}
 
 
-def groundtruth(models: list[str], out: Path, backend: str, eager: bool, repeats: int, budget_s: float,
+def groundtruth(models: list[Path], out: Path, backend: str, eager: bool, repeats: int, budget_s: float,
                 only: tuple[str, ...], layers: dict[str, int]) -> None:
+    """Each model (a config.json, named by its file's stem) served on every trace, into out/vllm-<backend>/."""
+    from ..config import load_config
+
+    configs = [load_config(path) for path in models]  # every config checked before the first engine starts
     folder = out / f"vllm-{backend.lower()}{'-eager' if eager else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    for name in models:
+    for cfg in configs:
+        name, config = cfg.name, cfg.data
         path = folder / f"{name}.json"
         if path.exists():
             continue
         if time.monotonic() - start > budget_s:
             print(f"budget spent: {name} and the rest not run", flush=True)
             break
-        config = json.loads((CONFIGS / f"{name}.json").read_text())
         engine = VllmEngine(config, layers=layers.get(name), backend=backend, eager=eager)
         result = {"model": name, "layers": layers.get(name), "environment": environment(backend, eager),
                   "engine_config": engine.resolved_config(), "traces": {}}
@@ -534,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("raw", nargs="+", type=Path)
     r.add_argument("--store", type=Path, required=True)
     g = sub.add_parser("groundtruth")
-    g.add_argument("--models", nargs="+", required=True)
+    g.add_argument("--models", nargs="+", type=Path, required=True, metavar="CONFIG", help="the models' config.json")
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--backend", default="FLASH_ATTN", choices=BACKENDS)
     g.add_argument("--eager", action="store_true", help="enforce_eager: no torch.compile, no CUDA graphs")
