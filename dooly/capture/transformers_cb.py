@@ -14,6 +14,7 @@ Model config fields are symbols too, so every dim comes out as the expression to
 from __future__ import annotations
 
 import difflib
+from collections.abc import Collection
 from dataclasses import replace
 
 import torch
@@ -248,7 +249,7 @@ class TransformersFrontend:
     def check(self, step: Trace) -> None:
         check_serving_step(step.ops, self.cfg.name, self.cfg.model_type)
 
-    def engine_meta(self, step: Trace, moved) -> dict:
+    def engine_meta(self, step: Trace, moved: Collection[str]) -> dict:
         import transformers
 
         used = set(moved) | {n for op in step.ops for t in op.tensors() for d in t.dims() for n in names(d.expr)} | {

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
+from collections.abc import Collection
 from dataclasses import replace
 from unittest import mock
 
@@ -411,7 +412,7 @@ class VllmFrontend:
     def check(self, step: Trace) -> None:
         """vLLM serves every model it builds through its own attention layers."""
 
-    def engine_meta(self, step: Trace, moved) -> dict:
+    def engine_meta(self, step: Trace, moved: Collection[str]) -> dict:
         return dict(architecture=(self.cfg.data.get("architectures") or [self.cfg.model_type])[0],
                     engine="vllm", engine_version=vllm.__version__, attention=ATTENTION.name, config=step.values,
                     sliding_window=max(self.windows, default=None),
