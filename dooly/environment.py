@@ -2,7 +2,9 @@
 
 An attention backend has three names: the one commands take (`--backend sdpa-efficient`), the one stores record as
 an environment's `attention_backend` and in its name (`paged|sdpa:efficient`), and the SDPA kernel it forces
-(torch's `SDPBackend.EFFICIENT_ATTENTION`). A store's environment is named
+(torch's `SDPBackend.EFFICIENT_ATTENTION`). Commands take the first (`backend`), passes and predictors the second
+(`attention`: it is part of an attention op's signature); vLLM's backends have one name for both
+(`FLASH_ATTN`). A store's environment is named
 `<gpu>/torch-<version>/transformers-<version>/<dtype>/<attention>`; stored names never change.
 """
 

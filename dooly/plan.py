@@ -28,22 +28,22 @@ from .passes.canonicalize import Signature, uses
 from .passes.dedup import dedup
 
 
-def step_uses(graph: Graph, backend: str, exact: bool = False) -> list:
+def step_uses(graph: Graph, attention: str, exact: bool = False) -> list:
     """What the graph's engine profiles: compiled pieces and the ops around them for a vLLM IR (vLLM's default
     mode), every op otherwise; `exact` for a per-model profiler, which tells ops of other shapes apart."""
     if graph.meta.engine == "vllm":
         from .passes.pieces import piece_uses
 
-        return piece_uses(graph, backend, exact)
-    return uses(graph, backend, exact)
+        return piece_uses(graph, attention, exact)
+    return uses(graph, attention, exact)
 
 
-def signature_uses(graphs: list[Graph], backend: str, exact: bool = False) -> dict[str, tuple[Signature, list]]:
+def signature_uses(graphs: list[Graph], attention: str, exact: bool = False) -> dict[str, tuple[Signature, list]]:
     """Each signature the graphs use, by hash, with the request-dim bindings of all its uses (what its sweep must
     cover)."""
     out: dict[str, tuple[Signature, list[dict[str, str]]]] = {}
     for g in graphs:
-        for u in step_uses(g, backend, exact):
+        for u in step_uses(g, attention, exact):
             out.setdefault(u.signature.hash, (u.signature, []))[1].append(u.binding)
     return out
 
@@ -69,17 +69,17 @@ class ModelPlan:
     baseline_gpu_s: float
 
 
-def plan(graphs: list[Graph], backend: str, measured_cost: dict[str, float]) -> tuple[list[ModelPlan], float,
+def plan(graphs: list[Graph], attention: str, measured_cost: dict[str, float]) -> tuple[list[ModelPlan], float,
                                                                                       float]:
     """Per-model rows, Dooly's total GPU-seconds, the baseline's."""
     costs = {h: measured_cost[h] if h in measured_cost else estimate_s(s, sweep_limits(s, b))
-             for h, (s, b) in signature_uses(graphs, backend).items()}
+             for h, (s, b) in signature_uses(graphs, attention).items()}
     have = set(measured_cost)
     rows, total = [], 0.0
     for g in graphs:
-        split = dedup(g, backend, have, step_uses(g, backend))
+        split = dedup(g, attention, have, step_uses(g, attention))
         new = sum(costs[h] for h in split.to_profile)
-        exact = signature_uses([g], backend, exact=True)
+        exact = signature_uses([g], attention, exact=True)
         baseline = sum(estimate_s(s, sweep_limits(s, b)) for s, b in exact.values())
         ops = sum(u.count for u in split.uses)
         rows.append(ModelPlan(g.model, ops, len(split.measured) + len(split.to_profile), len(split.measured),
@@ -104,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(args.store, readonly=args.store.exists())
     if args.env:
         _, env = store.environment(args.env)
-        backend, measured = env.attention_backend, store.finished_sweeps(args.env)
+        attention, measured = env.attention_backend, store.finished_sweeps(args.env)
     else:
-        backend, measured = DEFAULT_BACKEND.attention, {}
-    rows, dooly_s, baseline_s = plan(graphs, backend, measured)
+        attention, measured = DEFAULT_BACKEND.attention, {}
+    rows, dooly_s, baseline_s = plan(graphs, attention, measured)
     saving = 1 - dooly_s / baseline_s if baseline_s else 0.0
     if args.json:
         out = {"models": [{"model": r.model, "ops": r.ops, "unique": r.unique, "in_store": r.in_store, "new": r.new,

@@ -27,9 +27,9 @@ class KernelCount:
     types: int
 
     @staticmethod
-    def of(graph, backend: str) -> KernelCount:
+    def of(graph, attention: str) -> KernelCount:
         n: dict[When | str, float] = {"": 0.0, "request": 0.0, When.PAST_KEYS: 0.0, When.NO_PAST_KEYS: 0.0}
-        per_attention = attention_launches(backend)
+        per_attention = attention_launches(attention)
         for op in graph.ops:
             if not op.scope.startswith(("engine.reset", "engine.attention_mask")):
                 launches = per_attention if op.name == "aten.scaled_dot_product_attention" else 1
@@ -44,10 +44,10 @@ VIEWS = {"aten.view", "aten.expand", "aten.transpose", "aten._unsafe_view", "ate
 
 
 @functools.cache
-def attention_launches(backend: str) -> int:
+def attention_launches(attention: str) -> int:
     """Kernels one attention call launches: one for a fused kernel; torch's math kernel is a decomposition into
     casts, scaling, two batched GEMMs and a softmax, counted here by running it on the CPU (views launch nothing)."""
-    if backend != MATH:
+    if attention != MATH:
         return 1
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -154,7 +154,7 @@ def _attrs(op: Op, config, data: bool = False) -> dict:
     return {k: canon(v) for k, v in sorted(op.attrs.items()) if (k in DATA_ATTRS) == data}
 
 
-def signature(op: Op, config: dict[str, int], backend: str, exact: bool = False) -> tuple[Signature, dict[str, str]]:
+def signature(op: Op, config: dict[str, int], attention: str, exact: bool = False) -> tuple[Signature, dict[str, str]]:
     """The op's signature and its binding. `exact`: keep shapes and request symbols as the IR has them (no flat
     pointwise kernels, no axis renaming), which is how a per-model profiler tells ops apart."""
     fam = family(op.name)
@@ -197,7 +197,7 @@ def signature(op: Op, config: dict[str, int], backend: str, exact: bool = False)
                  "outputs": tensors[len(op.inputs):], "attrs": _attrs(op, config),
                  "data": _attrs(op, config, data=True)}
     if fam == "attention":
-        canonical["backend"] = backend
+        canonical["backend"] = attention  # the key stored signatures were hashed with
     return _make(canonical, fam, tuple(sorted(binding))), binding
 
 
@@ -207,14 +207,14 @@ def _make(canonical: dict, fam: str, axes: tuple[str, ...]) -> Signature:
     return Signature(hashlib.sha256(text.encode()).hexdigest()[:16], fam, axes, canonical)
 
 
-def uses(graph: Graph, backend: str, exact: bool = False) -> list[Use]:
+def uses(graph: Graph, attention: str, exact: bool = False) -> list[Use]:
     config = graph.config_values
     out = []
     for i, op in enumerate(graph.ops):
-        sig, binding = signature(op, config, backend, exact)
+        sig, binding = signature(op, config, attention, exact)
         out.append(Use(i, sig, binding, op.count, op.runs_per, op.when))
     return out
 
 
-def unique(graph: Graph, backend: str, exact: bool = False) -> dict[str, Signature]:
-    return {u.signature.hash: u.signature for u in uses(graph, backend, exact)}
+def unique(graph: Graph, attention: str, exact: bool = False) -> dict[str, Signature]:
+    return {u.signature.hash: u.signature for u in uses(graph, attention, exact)}

@@ -15,10 +15,10 @@ class Split:
     to_profile: dict[str, Signature]
 
 
-def dedup(graph: Graph, backend: str, measured: set[str] | dict, all_uses: list[Use] | None = None) -> Split:
+def dedup(graph: Graph, attention: str, measured: set[str] | dict, all_uses: list[Use] | None = None) -> Split:
     """`measured`: hashes of signatures with a finished sweep in the environment (`Store.finished_sweeps(env)`);
     `all_uses`: the graph's uses as its engine profiles them (default: every op)."""
-    all_uses = uses(graph, backend) if all_uses is None else all_uses
+    all_uses = uses(graph, attention) if all_uses is None else all_uses
     sigs = {u.signature.hash: u.signature for u in all_uses}
     return Split(all_uses, {h: s for h, s in sigs.items() if h in measured},
                  {h: s for h, s in sigs.items() if h not in measured})

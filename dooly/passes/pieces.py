@@ -122,13 +122,13 @@ def _attr(value):
     return value
 
 
-def piece_signature(graph: Graph, ops: list[int], backend: str) -> Signature:
+def piece_signature(graph: Graph, ops: list[int], attention: str) -> Signature:
     config = graph.config_values
     position = {i: n for n, i in enumerate(ops)}
     members = []
     for n, i in enumerate(ops):
         op = graph.ops[i]
-        sig, _ = signature(op, config, backend, exact=True)
+        sig, _ = signature(op, config, attention, exact=True)
         c = sig.canonical
         members.append({
             "op": op.name, "inputs": [_tensor(t) for t in c["inputs"]], "outputs": [_tensor(t) for t in c["outputs"]],
@@ -142,18 +142,18 @@ def piece_signature(graph: Graph, ops: list[int], backend: str) -> Signature:
     return Signature(hashlib.sha256(text.encode()).hexdigest()[:16], "piece", ("M",), canonical)
 
 
-def pieces(graph: Graph, backend: str) -> list[Piece]:
-    return [Piece(role, tuple(ops), count, piece_signature(graph, ops, backend))
+def pieces(graph: Graph, attention: str) -> list[Piece]:
+    return [Piece(role, tuple(ops), count, piece_signature(graph, ops, attention))
             for role, ops, count in partition(graph)]
 
 
-def piece_uses(graph: Graph, backend: str, exact: bool = False) -> list[Use]:
+def piece_uses(graph: Graph, attention: str, exact: bool = False) -> list[Use]:
     """The step as compiled vLLM runs it: one use per piece, and per-op uses of everything outside the pieces
     (`exact`: their exact signatures, as a per-model profiler keeps them)."""
-    cut = pieces(graph, backend)
+    cut = pieces(graph, attention)
     inside = {i for p in cut for i in p.ops}
     out = [Use(p.ops[0], p.signature, {"M": "T"}, p.count, "step", None) for p in cut]
-    return out + [u for u in uses(graph, backend, exact) if u.op_index not in inside]
+    return out + [u for u in uses(graph, attention, exact) if u.op_index not in inside]
 
 
 def dump(graph: Graph, cut: list[Piece]) -> str:

@@ -182,14 +182,14 @@ MEMO_BLOCK = 256
 
 
 class Predictor:
-    def __init__(self, graph: Graph, ops: OpModel, host: HostModel | None, backend: str, layers: int | None = None):
+    def __init__(self, graph: Graph, ops: OpModel, host: HostModel | None, attention: str, layers: int | None = None):
         """`layers`: predict the model cut to this many decoder layers (how too-big models are validated)."""
         self.graph, self.ops, self.host = graph, ops, host
         scale = 1.0 if layers is None else layers / graph.meta.layers
         self.window = graph.meta.sliding_window or 0
         groups: dict[tuple, OpGroup] = {}
         terms: dict[tuple, list[OpGroup]] = {}
-        for u in uses(graph, backend):
+        for u in uses(graph, attention):
             op = graph.ops[u.op_index]
             count = u.count * scale if "layers.*" in op.scope else u.count
             key = (u.signature.hash, tuple(sorted(u.binding.items())), u.runs_per, u.when)
@@ -205,7 +205,7 @@ class Predictor:
         self.terms = [Term(per, when, needs, members) for (per, when, needs), members in terms.items()]
         self.layer_scale = scale
         self.keys = attention_keys(graph)
-        self.kernels = KernelCount.of(graph, backend)
+        self.kernels = KernelCount.of(graph, attention)
 
     def symbols(self, b: Batches) -> tuple[dict, dict]:
         """Per-batch symbols (T, R, K, Ks) and per-request symbols (q, k)."""

@@ -220,23 +220,23 @@ def _by_family(candidates: list[Candidate]) -> dict[str, list[int]]:
     return out
 
 
-def target_signature(info: dict, target_backend: str) -> Signature:
+def target_signature(info: dict, target_attention: str) -> Signature:
     """The target environment's signature of a source signature (a store row): the same, but for families whose
     kernel depends on the attention backend, which is part of their signature."""
     canonical = info["canonical"]
-    if info["family"] in BACKEND_FAMILIES and canonical.get("backend") != target_backend:
-        return _make({**canonical, "backend": target_backend}, info["family"], tuple(info["axes"]))
+    if info["family"] in BACKEND_FAMILIES and canonical.get("backend") != target_attention:
+        return _make({**canonical, "backend": target_attention}, info["family"], tuple(info["axes"]))
     return Signature(info["hash"], info["family"], tuple(info["axes"]), canonical)
 
 
-def candidates(store: Store, source: str, target_backend: str, swept: set[str] = frozenset()) -> tuple[list[Candidate],
-                                                                                                 dict]:
+def candidates(store: Store, source: str, target_attention: str,
+               swept: set[str] = frozenset()) -> tuple[list[Candidate], dict]:
     """Every measured point of `source` whose target signature is not in `swept` (those with a finished sweep
     usable in the target), and the target signatures by hash."""
     out, signatures = [], {}
     for sig_hash, rows in sorted(store.measured_points(source).items()):
         info = store.signature(sig_hash)
-        sig = target_signature(info, target_backend)
+        sig = target_signature(info, target_attention)
         if sig.hash in swept:
             continue
         signatures[sig.hash] = sig
@@ -289,11 +289,11 @@ def plan(store: Store, source: str, target: str, fraction: float = 0.1, seed: in
         raise DoolyError("the source and target environments are the same")
     if target in known:
         _, target_env = store.environment(target)
-        backend, gpu = target_env.attention_backend, target_gpu or target_env.gpu
+        attention, gpu = target_env.attention_backend, target_gpu or target_env.gpu
         swept = set() if rehearsal else set(store.finished_sweeps(target))
     else:
-        backend, gpu, swept = source_env.attention_backend, target_gpu, set()
-    cands, signatures = candidates(store, source, backend, swept)
+        attention, gpu, swept = source_env.attention_backend, target_gpu, set()
+    cands, signatures = candidates(store, source, attention, swept)
     if rehearsal:
         rows = target_rows(store, target, cands)
         cands = [c for c in cands if _measured(rows.get(c.key))]
