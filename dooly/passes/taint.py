@@ -68,8 +68,9 @@ def attribute(graph: Graph, perturbed: dict[str, list[tuple[int, list[Op]]]]) ->
         base_value = graph.config_values[field]
         # each moved trace holds the other perturbed fields at their values: a dim written with them is unmoved
         others = {to_sympy(f): graph.config_values[f] for f in perturbed if f != field}
+        aligned = [(o.name, len(o.tensors())) for o in ops]
         for value, other in runs:
-            if [(o.name, len(o.tensors())) for o in other] != [(o.name, len(o.tensors())) for o in ops]:
+            if [(o.name, len(o.tensors())) for o in other] != aligned:
                 raise AttributionError(f"tracing with {field}={value} ran other ops: cannot align the two steps")
         solved = []
         for i, op in enumerate(ops):
