@@ -31,7 +31,8 @@ def model_class(config):
     except KeyError:
         pass
     family = type(config).__module__.split(".")[-2]  # transformers.models.<family>.configuration_<family>
-    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(family, ""), None)
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(family)
+    cls = getattr(transformers, name, None) if name else None
     if cls is None or getattr(cls, "config_class", None) is not type(config):
         raise DoolyError(f"{config.model_type}: transformers has no causal-LM class for it")
     return cls
