@@ -65,7 +65,8 @@ def steps_of(truth: dict, forward=None) -> tuple[list[list[tuple[int, int]]], np
     """Compositions seen in at least MIN_REPEATS runs of a trace: their batches, median measured forward (s), its
     spread, and (given `forward`, a factory of per-run step models) the median predicted forward over the same
     runs, each run's steps predicted in the order it ran them. A step marked `idle` (it started on an idle GPU, as
-    vLLM's ground truth says) is a composition of its own, predicted as such."""
+    vLLM's ground truth says) is a composition of its own; a step that says how far ahead of the GPU the host
+    entered it (`ahead_s`) is predicted for that."""
     batches, medians, spreads, predicted = [], [], [], []
     for trace in truth["traces"].values():
         seen: dict[tuple, list[float]] = {}
@@ -77,7 +78,7 @@ def steps_of(truth: dict, forward=None) -> tuple[list[list[tuple[int, int]]], np
                 seen.setdefault(key, []).append(step["forward_s"])
                 if step_time:
                     batch = [(int(q), int(k)) for q, k in key[0]]
-                    us = step_time.forward_us(batch, idle=True) if key[1] else step_time.forward_us(batch)
+                    us = step_time.forward_us(batch, *([step["ahead_s"]] if "ahead_s" in step else []))
                     guessed.setdefault(key, []).append(us[0])
         for key, values in seen.items():
             if len(values) >= MIN_REPEATS:

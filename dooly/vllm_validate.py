@@ -66,36 +66,35 @@ def check_vllm(truth: dict, path: Path, limits, need) -> dict:
 
 def _with_keys(truth: dict) -> dict:
     """The ground truth with each step's keys (new plus computed tokens), as `dooly.validate.steps_of` reads them,
-    and whether it started on an idle GPU (`idle`)."""
+    how far ahead of the GPU the host entered it (`ahead_s`) and whether it started on an idle GPU (`idle`)."""
     traces = {}
     for name, trace in truth["traces"].items():
-        runs = [{**run, "steps": [{**s, "keys": [q + c for q, c in zip(s["queries"], s["computed"])], "idle": idle}
-                                  for s, idle in zip(run["steps"], started_idle(run["steps"]))]}
+        runs = [{**run, "steps": [{**s, "keys": [q + c for q, c in zip(s["queries"], s["computed"])],
+                                   "ahead_s": ahead, "idle": ahead <= 0}
+                                  for s, ahead in zip(run["steps"], host_ahead(run["steps"]))]}
                 for run in trace["runs"]]
         traces[name] = {**trace, "runs": runs}
     return {**truth, "traces": traces}
 
 
-def started_idle(steps: list[dict]) -> list[bool]:
-    """Which steps the host launched after the GPU had finished the step before. A step's GPU span runs from an
-    event recorded as the host enters execute_model, which fires once the GPU is done with what was queued before:
-    so a step's GPU work ends at the later of its launch and the previous step's end, plus its span."""
-    idle, end = [], -math.inf
+def host_ahead(steps: list[dict]) -> list[float]:
+    """How long before the GPU finished the work queued before it the host entered each step (negative: how long
+    the GPU had idled). A step's GPU span runs from an event recorded as the host enters execute_model, which fires
+    once the GPU is done with what was queued before: so a step's GPU work ends at the later of its launch and the
+    previous step's end, plus its span."""
+    ahead, end = [], -math.inf
     for s in steps:
-        idle.append(s["start"] >= end)
+        ahead.append(end - s["start"])
         end = max(s["start"], end) + s["forward_s"]
-    return idle
+    return ahead
 
 
 class _StepTime:
     def __init__(self, model):
         self.model = model
 
-    def forward_us(self, batch, idle=False):
-        return self.model.step_us(batch, idle), None
-
-    def __call__(self, batch):
-        return self.model.step_us(batch) * 1e-6
+    def forward_us(self, batch, ahead_s=-math.inf):
+        return self.model.span_us(batch, ahead_s * 1e6), None
 
 
 def _prompt_tokens(requests, shared: int) -> dict[int, list[int]]:

@@ -2,6 +2,7 @@
 engine's settings do to a step, the engine's cache sizing, and `dooly simulate`."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -184,14 +185,19 @@ def test_simulate_a_vllm_ir_serves_it_with_vllms_scheduler_and_its_compiled_step
     row = json.loads((out / "requests.jsonl").read_text())
     model = step_model(load_model(ROOT / "data" / "vllm-ir" / "llama-3.1-8b.ir"),
                        Store(ROOT / "data" / "h200.sqlite", readonly=True), "FLASH_ATTN")
-    # one request: taken in, a 300-token prefill step, then three decode steps of its growing context; with async
-    # scheduling its first token is read once the prefill's GPU work ends and the next step is launched
+    # one request: taken in, a 300-token prefill step on the idle GPU, then three decode steps of its growing
+    # context, each entered by the host once it has launched the last and processed the output of the one before
     steps = [[(300, 300)], [(1, 301)], [(1, 302)], [(1, 303)]]
-    prefill, launched = model.step_us(steps[0]), model.launch_us(300, 1) + model.launch_us(1, 1)
-    read = min(max(0.0, launched - prefill), model.step_us(steps[1]))
+    host, gpu = model.admit_us(1), -math.inf
+    for batch in steps:
+        end = max(host, gpu) + model.span_us(batch, gpu - host)
+        host, gpu = max(host + model.launch_us(batch[0][0], 1), gpu) + model.rest_us(1), end
+        if batch == steps[0]:
+            first = end
     assert model.admit_us(1) > 0
-    assert row["ttft_ms"] == pytest.approx((model.admit_us(1) + prefill + read) / 1e3, rel=1e-6)
-    assert row["e2e_ms"] == pytest.approx((model.admit_us(1) + sum(model.step_us(b) for b in steps)) / 1e3, rel=1e-6)
+    assert row["e2e_ms"] == pytest.approx(gpu / 1e3, rel=1e-6)
+    # with async scheduling its first token is read once the prefill's GPU work ends and the next step is launched
+    assert first / 1e3 <= row["ttft_ms"] < row["e2e_ms"]
 
 
 def test_a_first_token_is_read_when_its_step_ends_or_once_the_host_has_launched_the_next():
@@ -227,15 +233,26 @@ def test_requests_arriving_together_are_taken_in_as_one_batch_before_any_is_sche
         assert b["ttft"] == pytest.approx(a["ttft"] + delay)
 
 
-def test_a_step_starting_on_an_idle_engine_takes_its_idle_time():
-    """A step launched while the last one runs finds its inputs prepared; one after an idle spell waits for them."""
+def test_a_host_running_ahead_of_the_gpu_hides_its_work_unless_the_gpu_idled_or_waits_on_it():
+    """With asynchronous scheduling the host enters step N+1 once it has launched N and processed N-1's output: a
+    step it enters while the GPU still runs finds its inputs prepared, one after an idle spell waits for them, and
+    a host slower than the GPU sets the pace."""
     from dooly.sim.schedulers import VLLMv1
-    from dooly.sim.simulator import simulate
+    from dooly.sim.simulator import Host, simulate
     from dooly.sim.workload import Request
 
-    requests = [Request(0, 0.0, 16, 3), Request(1, 1.0, 16, 2)]  # the second arrives long after the first ends
-    out = simulate(requests, VLLMv1(1000, 16, 2048, 128, False, False), lambda batch: 0.010,
-                   idle_step_time=lambda batch: 0.013)
+    def run(launch_s):
+        # a step's GPU work 10 ms, its first kernel 3 ms after the host enters it, its last launch at launch_s
+        span = lambda batch, ahead: max(max(ahead, 0.003) + 0.010, launch_s) - max(ahead, 0.0)  # noqa: E731
+        requests = [Request(0, 0.0, 16, 3), Request(1, 1.0, 16, 2)]  # the second arrives long after the first ends
+        return simulate(requests, VLLMv1(1000, 16, 2048, 128, False, False), span,
+                        host=Host(lambda batch: launch_s, lambda batch: 0.002))
+
+    out = run(0.004)
     assert [round(s["time"] - s["start"], 6) for s in out.steps] == [0.013, 0.010, 0.010, 0.013, 0.010]
     assert [r["ttft"] for r in out.requests] == pytest.approx([0.013, 0.013])
     assert out.requests[0]["e2e"] == pytest.approx(0.033)
+    slow = run(0.015)  # the host launches a step in 15 ms and processes an output in 2: a step every 17 ms
+    starts = [s["start"] for s in slow.steps[:3]]
+    assert [round(b - a, 6) for a, b in zip(starts, starts[1:])] == [0.017, 0.017]
+    assert [round(s["time"] - s["start"], 6) for s in slow.steps[:3]] == [0.015, 0.015, 0.015]

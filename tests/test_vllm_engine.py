@@ -138,7 +138,8 @@ def test_a_v1_runner_calibration_is_kept_apart_from_the_v2_one(tmp_path):
     (tmp_path / "v1-16.json").write_text(json.dumps({**raw, "runner": "v1"}))
     store = Store(store_path)
     env = next(e.name for e in store.environments() if e.attention_backend == "FLASH_ATTN")
-    before = {(r["phase"], json.dumps(r["point"])): r["median_us"] for r in store.host(env)}
+    before = {(r["phase"], json.dumps(r["point"])): r["median_us"] for r in store.host(env)
+              if "runner" not in r["point"]}
     store.close()
     record_calibration(store_path, tmp_path / "v1-16.json")
     store = Store(store_path)
@@ -150,3 +151,32 @@ def test_a_v1_runner_calibration_is_kept_apart_from_the_v2_one(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({**raw, "runner": "v3"}))
     with pytest.raises(DoolyError, match="a runner"):
         record_calibration(store_path, tmp_path / "bad.json")
+
+
+def test_a_recalibration_replaces_its_depths_rows_whole(tmp_path):
+    import shutil
+
+    from dooly.bench.vllm_engine import record_calibration
+    from dooly.store import Store
+
+    store_path = tmp_path / "h200.sqlite"
+    shutil.copy(ROOT / "data" / "h200.sqlite", store_path)
+    raw = json.loads(CALIBRATION[0].read_text())
+    # the same depth again without its decode batches of one request: those compositions are no longer seen
+    kept = [run for run in raw["runs"] if len(run["requests"]) != 1 or run["requests"][0][2] != 48]
+    (tmp_path / "again.json").write_text(json.dumps({**raw, "runs": kept}))
+
+    def rows():
+        store = Store(store_path)
+        env = next(e.name for e in store.environments() if e.attention_backend == "FLASH_ATTN")
+        found = {(r["phase"], json.dumps(r["point"], sort_keys=True)) for r in store.host(env)}
+        store.close()
+        return found
+
+    record_calibration(store_path, CALIBRATION[0])
+    first = rows()
+    record_calibration(store_path, tmp_path / "again.json")
+    second = rows()
+    depth = lambda found: {k for k in found if json.loads(k[1]).get("layers") == raw["layers"]}  # noqa: E731
+    assert second - depth(second) == first - depth(first)  # other depths and runners stay
+    assert depth(second) < depth(first)  # the compositions only the first file had are gone

@@ -2,6 +2,7 @@
 `dooly validate` on vLLM's ground truth."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -45,12 +46,20 @@ def store():
     return Store(STORE, readonly=True)
 
 
-def test_a_step_pads_its_pieces_and_takes_the_longer_of_gpu_and_host(store):
+def test_a_step_pads_its_pieces_and_its_span_follows_the_hosts_lead_over_the_gpu(store):
     big = step_model(load_model(IR / "llama-3.1-8b.ir"), store, "FLASH_ATTN")
     small = step_model(load_model(IR / "llama-3.2-1b.ir"), store, "FLASH_ATTN")
     decode = [(1, 1000)] * 8
-    assert big.step_us(decode) == big.gpu_us(decode) > big.host_us(decode) > 0  # an 8B decode keeps the GPU busy
-    assert small.step_us(decode) == small.host_us(decode) > small.gpu_us(decode)  # a 1B one waits on the host
+    launch, lead = small.launch_us(8, 8), small.lead_us(8, 8)
+    assert launch > lead > 0
+    # entered long before the GPU is free, the host's work is hidden: the step is its GPU work
+    assert big.span_us(decode, 10_000) == pytest.approx(big.gpu_us(decode))
+    assert small.span_us(decode, 10_000) == pytest.approx(small.gpu_us(decode))
+    # entered on an idle GPU: the first kernel waits for the inputs, the span ends no sooner than the last launch
+    idle = small.span_us(decode, -1.0)
+    assert idle == pytest.approx(max(lead + small.gpu_us(decode), launch)) and idle > small.gpu_us(decode)
+    assert small.span_us(decode, -1.0) == small.span_us(decode, -1e6)  # however long the GPU idled
+    assert small.gpu_us(decode) < small.span_us(decode, 500) < idle  # partly ahead: partly hidden
     # 9 and 16 requests replay the same padded graphs: only attention and the sampled rows differ
     nine, sixteen = big.gpu_us([(1, 1000)] * 9), big.gpu_us([(1, 1000)] * 16)
     pieces = lambda m, b: sum(c * f(16) for kind, c, f, _ in m.terms if kind == "padded")  # noqa: E731
@@ -100,16 +109,15 @@ def test_validate_refuses_vllm_ground_truth_without_its_ir_or_with_a_broken_step
     assert "Traceback" not in out.stderr
 
 
-def test_the_engines_floor_follows_the_models_depth():
+def test_the_hosts_costs_follow_the_models_depth():
     from dooly.predict.vllm_step import HostFloor, StepModel
 
     floor = lambda us: HostFloor(Curve([1, 64], [us, us + 100]), Curve([16, 2048], [2 * us, 3 * us]), None)  # noqa: E731
-    model = lambda layers: StepModel([], {2: floor(1000.0), 16: floor(2400.0)}, layers)  # noqa: E731
-    decode, prefill = [(1, 100)], [(2048, 2048)]
-    assert model(2).host_us(decode) == 1000 and model(16).host_us(decode) == 2400
-    assert model(9).host_us(decode) == pytest.approx(1700) and model(30).host_us(decode) == pytest.approx(3800)
-    assert model(9).host_us(prefill) == pytest.approx(3 * 1700)  # a lone prefill reads the prefill curve
-    assert StepModel([], {2: floor(1000.0)}, 32).host_us(decode) == 1000  # one depth stands for all
+    model = lambda layers: StepModel([], layers, launch={2: floor(1000.0), 16: floor(2400.0)})  # noqa: E731
+    assert model(2).launch_us(1, 1) == 1000 and model(16).launch_us(1, 1) == 2400
+    assert model(9).launch_us(1, 1) == pytest.approx(1700) and model(30).launch_us(1, 1) == pytest.approx(3800)
+    assert model(9).launch_us(2048, 1) == pytest.approx(3 * 1700)  # a lone prefill reads the prefill curve
+    assert StepModel([], 32, launch={2: floor(1000.0)}).launch_us(1, 1) == 1000  # one depth stands for all
 
 
 def test_a_step_from_an_idle_gpu_waits_for_the_hosts_input_preparation():
@@ -117,24 +125,25 @@ def test_a_step_from_an_idle_gpu_waits_for_the_hosts_input_preparation():
 
     flat = lambda us: HostFloor(Curve([1, 64], [us, us]), Curve([16, 2048], [us, us]), None)  # noqa: E731
     gpu = Curve([1, 4096], [5000.0, 5000.0])
-    model = StepModel([("padded", 1, gpu, {"M": "T"})], {16: flat(3000.0)}, 16, lead={16: flat(1500.0)})
-    assert model.step_us([(2048, 2048)]) == 5000  # launched while the last step runs: GPU-bound
-    assert model.step_us([(2048, 2048)], idle=True) == 6500
-    slow_host = StepModel(model.terms, {16: flat(7000.0)}, 16, lead={16: flat(1500.0)})
-    assert slow_host.step_us([(2048, 2048)], idle=True) == 7000  # the host's floor already spans its lead
-    assert StepModel(model.terms, {16: flat(3000.0)}, 16).step_us([(2048, 2048)], idle=True) == 5000  # none measured
+    model = StepModel([("padded", 1, gpu, {"M": "T"})], 16, launch={16: flat(3000.0)}, lead={16: flat(1500.0)})
+    assert model.span_us([(2048, 2048)], 2000) == 5000  # entered while the last step runs: GPU-bound
+    assert model.span_us([(2048, 2048)], -1.0) == 6500
+    assert model.span_us([(2048, 2048)], 1000) == 5500  # the GPU was free 1 ms before the inputs were
+    slow_host = StepModel(model.terms, 16, launch={16: flat(7000.0)}, lead={16: flat(1500.0)})
+    assert slow_host.span_us([(2048, 2048)], -1.0) == 7000  # the host's launches already span its lead
+    assert slow_host.span_us([(2048, 2048)], 4000) == 5000  # ... and are hidden by the GPU's earlier work
+    assert StepModel(model.terms, 16).span_us([(2048, 2048)], -1.0) == 5000  # none measured
 
 
-def test_a_decode_steps_floor_is_the_hosts_cycle_and_a_prefills_the_gpu_span(store):
-    """A host-bound decode step lasts from one launch to the next (output processing and scheduling included); a
-    lone prefill, mostly after the engine idled, lasts its GPU span."""
+def test_the_hosts_rest_of_a_cycle_is_its_decode_cycle_less_its_launches(store):
+    """After launching a step the host reads the step before's output, processes it and schedules the next."""
     env = next(e.name for e in store.environments() if e.engine == "vllm" and e.attention_backend == "FLASH_ATTN")
     rows = {(r["phase"], r["point"]["T"], r["point"]["R"]): r["median_us"] for r in store.host(env)
-            if r["point"].get("layers") == 16}
+            if r["point"].get("layers") == 16 and "runner" not in r["point"]}
     model = step_model(load_model(IR / "llama-3.2-1b.ir"), store, "FLASH_ATTN")  # 16 layers: no interpolation
-    assert rows["vllm-cycle", 8, 8] > rows["vllm-step", 8, 8]
-    assert model.host_us([(1, 100)] * 8) == pytest.approx(rows["vllm-cycle", 8, 8])
-    assert model.host_us([(256, 256)]) == pytest.approx(rows["vllm-step", 256, 1])
+    assert rows["vllm-cycle", 8, 8] > rows["vllm-launch", 8, 8]
+    assert model.rest_us(8) == pytest.approx(rows["vllm-cycle", 8, 8] - rows["vllm-launch", 8, 8])
+    assert model.launch_us(256, 1) == pytest.approx(rows["vllm-launch", 256, 1])
 
 
 def test_host_costs_are_taken_from_the_model_runner_vllm_serves_the_architecture_on(tmp_path):
@@ -144,6 +153,9 @@ def test_host_costs_are_taken_from_the_model_runner_vllm_serves_the_architecture
     shutil.copy(STORE, path)
     s = Store(path)
     env = next(e.name for e in s.environments() if e.engine == "vllm" and e.attention_backend == "FLASH_ATTN")
+    phases = sorted({row["phase"] for row in s.host(env)})
+    for layers in {row["point"]["layers"] for row in s.host(env) if "runner" in row["point"]}:
+        s.forget_host(env, phases, {"layers": layers, "runner": 1})  # the store's own V1 calibration
     v2 = step_model(load_model(IR / "phi-3-mini.ir"), s, "FLASH_ATTN")
     for row in s.host(env):  # a V1-runner calibration, twice the V2 one
         s.record_host(env, row["phase"], {**row["point"], "runner": 1}, 2 * row["median_us"], 2 * row["p90_us"],
@@ -153,17 +165,17 @@ def test_host_costs_are_taken_from_the_model_runner_vllm_serves_the_architecture
     s.close()
     assert vllm_model_runner("Phi3ForCausalLM") == "v1" and vllm_model_runner("LlamaForCausalLM") == "v2"
     assert v2.host_runner == "v2" and phi.host_runner == "v1" and llama.host_runner == "v2"
-    prefill = [(200, 200)]
-    assert phi.host_us(prefill) == pytest.approx(2 * v2.host_us(prefill))
+    assert phi.rest_us(8) == pytest.approx(2 * v2.rest_us(8))
     assert phi.launch_us(200, 1) == pytest.approx(2 * v2.launch_us(200, 1))
     assert phi.admit_us(8) == pytest.approx(2 * v2.admit_us(8))
 
 
-def test_a_step_started_idle_when_the_host_launched_it_after_the_gpu_finished_the_last():
-    from dooly.vllm_validate import started_idle
+def test_how_far_ahead_of_the_gpu_the_host_entered_each_step():
+    from dooly.vllm_validate import host_ahead
 
     steps = [{"start": 0.0, "forward_s": 0.010},  # the first step
-             {"start": 0.004, "forward_s": 0.010},  # launched while the first runs: its span starts at 0.010
+             {"start": 0.004, "forward_s": 0.010},  # entered while the first runs: its span starts at 0.010
              {"start": 0.019, "forward_s": 0.002},  # before the second's end (0.020)
              {"start": 0.030, "forward_s": 0.002}]  # after the third's (0.022)
-    assert started_idle(steps) == [True, False, False, True]
+    ahead = host_ahead(steps)
+    assert ahead[0] == -math.inf and ahead[1:] == pytest.approx([0.006, 0.001, -0.008])

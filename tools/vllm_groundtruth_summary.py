@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from dooly.vllm_validate import started_idle
+from dooly.vllm_validate import host_ahead
 
 DEFAULT = "flash_attn"
 
@@ -75,10 +75,10 @@ def lead_table(paths: list[Path]) -> Table:
                 steps = run["steps"]
                 if not steps or steps[0].get("lead_s") is None:
                     continue
-                for step, idle in zip(steps, started_idle(steps)):
+                for step, ahead in zip(steps, host_ahead(steps)):
                     queries = tuple(step["queries"])
                     size = "decode" if max(queries) == 1 else "2,048 tokens" if sum(queries) >= 2048 else "other"
-                    groups[size, idle].append((step["lead_s"], step["host_lead_s"], step["forward_s"]))
+                    groups[size, ahead <= 0].append((step["lead_s"], step["host_lead_s"], step["forward_s"]))
         for (size, idle), rows in sorted(groups.items()):
             ms = lambda i: f"{statistics.median(r[i] for r in rows) * 1e3:.2f} ms"  # noqa: E731
             table.add_row(truth["model"], size, "idle GPU" if idle else "GPU busy", str(len(rows)), ms(0), ms(1),

@@ -307,6 +307,7 @@ CALIBRATION_PROMPTS = (16, 64, 256, 512, 1024, 2048)
 CALIBRATION_LAYERS = (16, 32)  # every vLLM model of the zoo has 16 layers or more
 IDLE_S = 0.05  # a request arriving at an engine idle this long: nothing on the GPU to hide the host's launches
 REPEATS = 5
+CALIBRATION_PHASES = ("vllm-step", "vllm-launch", "vllm-cycle", "vllm-lead", "vllm-admit")
 
 
 def calibration_runs() -> list[list[tuple[float, int, int]]]:
@@ -334,9 +335,11 @@ def calibrate(store_path: Path, backend: str, eager: bool, depths: tuple[int, ..
         return
     (layers,) = depths
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if runner == "v2" else "0"
-    engine = VllmEngine({**TINY, "num_hidden_layers": layers}, backend=backend, eager=eager, prefix_caching=False,
-                        max_model_len=4096)
-    runs, ran_on = [], engine.resolved_config()["model_runner"]
+    # prefix caching as the engine defaults it (on): its block hashing is part of the host's cost per request, and the
+    # calibration's prompts, drawn at random, never hit the cache
+    engine = VllmEngine({**TINY, "num_hidden_layers": layers}, backend=backend, eager=eager, max_model_len=4096)
+    resolved = engine.resolved_config()
+    runs, ran_on = [], resolved["model_runner"]
     try:
         engine.run([(0.0, 64, 8)] * 4)  # warm-up
         for requests in calibration_runs():
@@ -346,7 +349,7 @@ def calibrate(store_path: Path, backend: str, eager: bool, depths: tuple[int, ..
         engine.close()
     path = raw / f"{'' if ran_on == 'v2' else ran_on + '-'}{layers}.json"
     path.write_text(json.dumps({"environment": environment(backend, eager), "layers": layers, "runner": ran_on,
-                                "runs": runs}))
+                                "engine_config": resolved, "runs": runs}))
     record_calibration(store_path, path)
 
 
@@ -420,6 +423,7 @@ def record_calibration(store_path: Path, path: Path) -> None:
                                      env_info["engine_version"], env_info["attention_backend"])
         if name not in {e.name for e in store.environments()}:
             raise DoolyError(f"{store_path}: no environment {name} (calibrate where it was profiled)")
+        store.forget_host(name, [*CALIBRATION_PHASES], where)
         for (t, r), spans in sorted(samples.items()):
             point = {"T": t, "R": r, **where}
             medians = {phase: store.record_host_samples(name, phase, point, values)

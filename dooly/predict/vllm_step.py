@@ -9,14 +9,13 @@ smallest captured size P >= T when T is at most the largest one, and as the comp
   cached tokens, one launch floor shared;
 - the ops vLLM runs outside the model (the logits of the R sampled rows, sampling) at R.
 
-The engine's own work per step (scheduling, input preparation, launches, sampling, output processing), measured on
-a tiny model (`python -m dooly.bench.vllm_engine calibrate`), is a floor: with asynchronous scheduling the host
-prepares a step while the GPU runs the last, so a step takes the longer of the two. Decode steps follow one another
-back to back, so a host-bound one lasts the host's whole cycle (launch to the next launch, output processing and
-scheduling included); a prefill step is floored by the tiny model's GPU span, since it is mostly the first step
-after the engine idled, whose start no earlier step's output processing delays. A step that starts on an idle GPU
-also waits, before the model's first kernel, for the host's input preparation (the tiny model's lead from
-execute_model to its first launch), which a step launched while the last one runs has done meanwhile.
+The engine's own work per step, measured on a tiny model (`python -m dooly.bench.vllm_engine calibrate`), runs on a
+timeline of its own: with asynchronous scheduling the host enters a step's `execute_model` while the GPU may still
+run the last one, prepares its inputs (the lead, before the model's first launch), launches it (the launch span, to
+its sampling), and then, once the step before's output is back, processes that output and schedules the next (the
+rest of a decode step's cycle, launch to next launch). So a step's GPU span depends on how far ahead of the GPU the
+host entered it (`StepModel.span_us`): its first kernel runs once both the GPU is free and the inputs are ready, and
+it cannot end before its last launch; a host entering long before the GPU is free hides its whole work.
 """
 
 from __future__ import annotations
@@ -34,8 +33,7 @@ from ..errors import DoolyError
 from ..ir.expr import evaluate
 from ..ir.graph import Graph
 
-HOST_PHASE = "vllm-step"
-DECODE_HOST_PHASE = "vllm-cycle"
+CYCLE_PHASE = "vllm-cycle"
 LAUNCH_PHASE = "vllm-launch"
 LEAD_PHASE = "vllm-lead"
 ADMIT_PHASE = "vllm-admit"
@@ -133,11 +131,12 @@ class PieceTerm(NamedTuple):
 
 @dataclass
 class StepModel:
-    """A model's vLLM step, every use bound to its measured curve."""
+    """A model's vLLM step, every use bound to its measured curve; the host's costs by the depth of the model they
+    were measured on."""
 
     terms: list[PieceTerm]
-    host: dict[int, HostFloor]  # by the depth of the model it was measured on
     layers: int
+    cycle: dict[int, Curve] = field(default_factory=dict)  # a decode step's launch to the next one's, by requests
     launch: dict[int, HostFloor] = field(default_factory=dict)  # the host's span from execute_model to sampled
     admit: dict[int, Curve] = field(default_factory=dict)  # requests arriving together to their first step
     lead: dict[int, HostFloor] = field(default_factory=dict)  # the host's span from execute_model to the model
@@ -170,14 +169,15 @@ class StepModel:
         ya, yb = cost(by_depth[a]), cost(by_depth[b])
         return max(0.0, ya + (yb - ya) * (self.layers - a) / (b - a))
 
-    def host_us(self, batch: list[tuple[int, int]]) -> float:
-        """The engine's floor for this step at this model's depth."""
-        t, r = sum(q for q, _ in batch), len(batch)
-        return self._at_depth(self.host, lambda floor: floor(t, r))
-
     def launch_us(self, tokens: int, requests: int) -> float:
         """The host's time from a step's execute_model to its sampling launched, at this model's depth."""
         return self._at_depth(self.launch, lambda floor: floor(tokens, requests))
+
+    def rest_us(self, requests: int) -> float:
+        """The host's time after launching a step before it enters the next: the step before's output read and
+        processed, the next step scheduled (a decode batch's cycle less its launch span)."""
+        cycle = self._at_depth(self.cycle, lambda curve: curve(requests))
+        return max(0.0, cycle - self.launch_us(requests, requests))
 
     def admit_us(self, requests: int) -> float:
         """The host's time from `requests` arriving together at an idle engine to its first step."""
@@ -187,13 +187,13 @@ class StepModel:
         """The host's time from a step's execute_model to the model's first launch, at this model's depth."""
         return self._at_depth(self.lead, lambda floor: floor(tokens, requests))
 
-    def step_us(self, batch: list[tuple[int, int]], idle: bool = False) -> float:
-        """The step's time; `idle`: it starts on an idle GPU, which first waits for the host's input preparation
-        (a step launched while the last one runs has it done meanwhile)."""
-        gpu = self.gpu_us(batch)
-        if idle:
-            gpu += self.lead_us(sum(q for q, _ in batch), len(batch))
-        return max(gpu, self.host_us(batch))
+    def span_us(self, batch: list[tuple[int, int]], ahead_us: float) -> float:
+        """The step's GPU span when the host enters its execute_model `ahead_us` before the GPU finishes the work
+        queued before it (negative: the GPU has idled that long): the span starts once the GPU is free, its first
+        kernel waits for the host's input preparation too, and it ends no sooner than the host's last launch."""
+        t, r = sum(q for q, _ in batch), len(batch)
+        first = max(ahead_us, self.lead_us(t, r))
+        return max(first + self.gpu_us(batch), self.launch_us(t, r)) - max(ahead_us, 0.0)
 
 
 def vllm_environment(store, backend: str) -> str:
@@ -240,7 +240,6 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
         xs, ys = zip(*sorted(_as_run(points, axis).items()))
         inside = sig.family == "piece" or graph.ops[use.op_index].scope.startswith("model.")
         terms.append(PieceTerm("padded" if inside else "rows", use.count, Curve(xs, ys), use.binding))
-    floors: dict[int, dict[str, list]] = {}
     launches: dict[int, dict[str, list]] = {}
     leads: dict[int, dict[str, list]] = {}
     cycles: dict[int, list] = {}
@@ -257,18 +256,16 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
         t, r = point["T"], point["R"]
         depth = point.get("layers", CALIBRATION_DEPTH)
         kind = "decode" if t == r else "prefill" if r == 1 else "mixed"
-        if row["phase"] in (HOST_PHASE, LAUNCH_PHASE, LEAD_PHASE):
-            into = {HOST_PHASE: floors, LAUNCH_PHASE: launches, LEAD_PHASE: leads}[row["phase"]]
+        if row["phase"] in (LAUNCH_PHASE, LEAD_PHASE):
+            into = {LAUNCH_PHASE: launches, LEAD_PHASE: leads}[row["phase"]]
             into.setdefault(depth, {}).setdefault(kind, []).append((r if t == r else t, row["median_us"]))
-        elif row["phase"] == DECODE_HOST_PHASE and t == r:
+        elif row["phase"] == CYCLE_PHASE and t == r:
             cycles.setdefault(depth, []).append((r, row["median_us"]))
         elif row["phase"] == ADMIT_PHASE:  # the shortest prompts: drawing their ids cost the harness least
             admits.setdefault(depth, {}).setdefault(r, []).append((t, row["median_us"]))
-    for depth, points in cycles.items():
-        floors.setdefault(depth, {})["decode"] = points
     curve = lambda v: Curve(*zip(*sorted(v))) if v else None  # noqa: E731
     by_depth = lambda rows: {depth: HostFloor(curve(k.get("decode")), curve(k.get("prefill")),  # noqa: E731
                                               curve(k.get("mixed"))) for depth, k in rows.items()}
     admit = {depth: Curve(*zip(*sorted((r, min(v)[1]) for r, v in by_r.items()))) for depth, by_r in admits.items()}
-    return StepModel(terms, by_depth(floors), graph.meta.layers, launch=by_depth(launches), admit=admit,
-                     lead=by_depth(leads), host_runner=runner)
+    return StepModel(terms, graph.meta.layers, {depth: curve(v) for depth, v in cycles.items()},
+                     launch=by_depth(launches), admit=admit, lead=by_depth(leads), host_runner=runner)

@@ -100,16 +100,30 @@ def ready_times(pending: list[Request], admission_s: Callable[[int], float] | No
     return ready
 
 
+@dataclass
+class Host:
+    """An engine's host on a timeline of its own beside the GPU's: it enters a step (schedules and launches it),
+    `launch_s(batch)` its span from entering a step to its last launch, then waits for a step's output and
+    `rest_s(batch)` processes it and schedules the next. With asynchronous scheduling the output it waits for is
+    the step before's, so it enters a step while the GPU may still run the last one."""
+
+    launch_s: Callable[[list], float]
+    rest_s: Callable[[list], float]
+    asynchronous: bool = True
+
+
 def simulate(requests: list[Request], scheduler, step_time, max_steps: int = LIMITS["steps"].default,
-             progress=None, admission_s: Callable[[int], float] | None = None, idle_step_time=None) -> Outcome:
-    """Serve `requests` with `scheduler`; `step_time(batch)` gives each step's seconds, `idle_step_time(batch)`
-    (where given) those of a step that starts with the engine idle; `admission_s(n)` the host's
-    time to take in n requests arriving together before any can be scheduled (none if not given);
-    `progress(finished)` is told every few hundred steps how many requests have finished. A run is stopped after
-    `max_steps` steps (the steps limit), so that its record of steps stays bounded."""
+             progress=None, admission_s: Callable[[int], float] | None = None, host: Host | None = None) -> Outcome:
+    """Serve `requests` with `scheduler`; `step_time(batch)` gives each step's seconds, one after another, or, with
+    a `host` running ahead of the GPU, `step_time(batch, ahead_s)` the GPU span of a step the host entered `ahead_s`
+    before the GPU finished the last (negative: the GPU idled); `admission_s(n)` the host's time to take in n
+    requests arriving together before any can be scheduled (none if not given); `progress(finished)` is told every
+    few hundred steps how many requests have finished. A run is stopped after `max_steps` steps (the steps limit),
+    so that its record of steps stays bounded."""
     pending = sorted(requests, key=lambda r: (r.arrival, r.id))
     ready = ready_times(pending, admission_s)
     now, i, states, steps, finished = 0.0, 0, {}, [], 0
+    gpu_end = -math.inf  # with a host: when the GPU finishes what it was given; `now` is when the host is free
     for n in range(max_steps):
         if progress and n % 512 == 0:
             progress(finished)
@@ -128,9 +142,16 @@ def simulate(requests: list[Request], scheduler, step_time, max_steps: int = LIM
                                  "than the engine has")
             now = ready[i]
             continue
-        idle = idle_step_time is not None and (not steps or steps[-1]["time"] < now)
-        start, now = now, now + (idle_step_time if idle else step_time)([(s.tokens, s.keys) for s in batch])
-        steps.append({"start": start, "time": now, "requests": len(batch), "tokens": sum(s.tokens for s in batch)})
+        sizes = [(s.tokens, s.keys) for s in batch]
+        if host is None:
+            start, now = now, now + step_time(sizes)
+            end = now
+        else:
+            start = max(now, gpu_end)
+            end = start + step_time(sizes, gpu_end - now)
+            now = max(now + host.launch_s(sizes), gpu_end if host.asynchronous else end) + host.rest_s(sizes)
+            gpu_end = end
+        steps.append({"start": start, "time": end, "requests": len(batch), "tokens": sum(s.tokens for s in batch)})
         for s in batch:
             state = s.state
             makes = s.produces_token
@@ -138,7 +159,7 @@ def simulate(requests: list[Request], scheduler, step_time, max_steps: int = LIM
             states[state.request.id] = state
             if makes:
                 state.generated += 1
-                state.token_times.append(now)
+                state.token_times.append(end)
                 if state.generated >= state.request.output:
                     scheduler.finish(state)
                     finished += 1
@@ -177,12 +198,13 @@ def seen_when_read(outcome: Outcome, launch_s: Callable[[int, int], float]) -> O
 
 def simulate_vllm(requests: list[Request], scheduler, model, max_steps: int = LIMITS["steps"].default,
                   progress=None, async_scheduling: bool = True) -> Outcome:
-    """vLLM serving `requests` on `model` (a `predict.vllm_step.StepModel`): the host takes in arrivals, each step
-    lasts the model's step (with the host's input preparation first where the GPU was idle) and, with asynchronous
-    scheduling, first tokens are seen when the host reads them."""
-    outcome = simulate(requests, scheduler, lambda batch: model.step_us(batch) * 1e-6, max_steps, progress,
-                       admission_s=lambda n: model.admit_us(n) * 1e-6,
-                       idle_step_time=lambda batch: model.step_us(batch, idle=True) * 1e-6)
+    """vLLM serving `requests` on `model` (a `predict.vllm_step.StepModel`): the host takes in arrivals and runs
+    each step's host work on its own timeline, each step's GPU span follows from how far ahead of the GPU the host
+    entered it, and, with asynchronous scheduling, first tokens are seen when the host reads them."""
+    host = Host(lambda batch: model.launch_us(sum(q for q, _ in batch), len(batch)) * 1e-6,
+                lambda batch: model.rest_us(len(batch)) * 1e-6, async_scheduling)
+    outcome = simulate(requests, scheduler, lambda batch, ahead_s: model.span_us(batch, ahead_s * 1e6) * 1e-6,
+                       max_steps, progress, admission_s=lambda n: model.admit_us(n) * 1e-6, host=host)
     return seen_when_read(outcome, lambda t, r: model.launch_us(t, r) * 1e-6) if async_scheduling else outcome
 
 

@@ -381,6 +381,18 @@ class Store:
                          len(values))
         return median
 
+    def forget_host(self, env_name: str, phases: list[str], where: dict[str, int]) -> int:
+        """Drops the host rows of these phases whose point holds `where` and names no other of its keys: a
+        recalibration replaces a calibration whole, compositions it no longer sees included. Returns how many."""
+        env_id, _ = self.environment(env_name)
+        gone = [(phase, r["point"]) for phase in phases for r in self.db.execute(
+            "SELECT point FROM host_overhead WHERE environment = ? AND phase = ?", (env_id, phase))
+            if {k: v for k, v in json.loads(r["point"]).items() if k not in ("T", "R")} == where]
+        with self.transaction():
+            self.db.executemany("DELETE FROM host_overhead WHERE environment = ? AND phase = ? AND point = ?",
+                                [(env_id, phase, point) for phase, point in gone])
+        return len(gone)
+
     def host(self, env_name: str) -> list[dict]:
         env_id, _ = self.environment(env_name)
         return [{**dict(r), "point": json.loads(r["point"])}
