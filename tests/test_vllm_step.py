@@ -179,3 +179,13 @@ def test_how_far_ahead_of_the_gpu_the_host_entered_each_step():
              {"start": 0.030, "forward_s": 0.002}]  # after the third's (0.022)
     ahead = host_ahead(steps)
     assert ahead[0] == -math.inf and ahead[1:] == pytest.approx([0.006, 0.001, -0.008])
+
+
+def test_host_costs_jump_where_steps_stop_replaying_graphs():
+    """Up to the largest captured size a step replays graphs; above it every kernel is launched from Python."""
+    from dooly.predict.vllm_step import ByMode
+
+    launch = ByMode([16, 256, 512, 2048], [8000.0, 9000.0, 24000.0, 25000.0])
+    assert launch(136) == pytest.approx(8500.0) and launch(256) == 9000.0
+    assert launch(257) == 24000.0 and launch(1280) == pytest.approx(24500.0)  # the eager side's own points
+    assert ByMode([16, 256], [8000.0, 9000.0])(300) == pytest.approx(9000.0 + 44 * 1000 / 240)  # none above: one line

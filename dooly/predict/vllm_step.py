@@ -105,13 +105,29 @@ class AttentionCurve:
         return sum(parts) - self.floor * (len(parts) - 1)
 
 
+class ByMode:
+    """A host cost by tokens, apart on each side of the largest captured size: up to it a step replays CUDA graphs
+    (one launch a piece), above it every kernel is launched from Python, so the cost jumps there and a curve through
+    points on both sides would blur the jump. Each side reads its own points, or the other side's where it has none."""
+
+    def __init__(self, xs, ys, edge: int = CAPTURE_SIZES[-1]):
+        points = sorted(zip(xs, ys))
+        graphs, eager = [p for p in points if p[0] <= edge], [p for p in points if p[0] > edge]
+        self.edge = edge
+        self.graphs = Curve(*zip(*(graphs or eager)))
+        self.eager = Curve(*zip(*(eager or graphs)))
+
+    def __call__(self, x: float) -> float:
+        return (self.graphs if x <= self.edge else self.eager)(x)
+
+
 @dataclass
 class HostFloor:
     """The engine's own cost of a step at one model depth: decode batches by requests, other steps by tokens."""
 
     decode: Curve | None
-    prefill: Curve | None  # one request
-    mixed: Curve | None  # a prefill among decodes
+    prefill: ByMode | None  # one request
+    mixed: ByMode | None  # a prefill among decodes
 
     def __call__(self, t: int, r: int) -> float:
         curve = self.decode if t == r else self.mixed if r > 1 and self.mixed else self.prefill
@@ -264,8 +280,9 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
         elif row["phase"] == ADMIT_PHASE:  # the shortest prompts: drawing their ids cost the harness least
             admits.setdefault(depth, {}).setdefault(r, []).append((t, row["median_us"]))
     curve = lambda v: Curve(*zip(*sorted(v))) if v else None  # noqa: E731
-    by_depth = lambda rows: {depth: HostFloor(curve(k.get("decode")), curve(k.get("prefill")),  # noqa: E731
-                                              curve(k.get("mixed"))) for depth, k in rows.items()}
+    by_mode = lambda v: ByMode(*zip(*v)) if v else None  # noqa: E731
+    by_depth = lambda rows: {depth: HostFloor(curve(k.get("decode")), by_mode(k.get("prefill")),  # noqa: E731
+                                              by_mode(k.get("mixed"))) for depth, k in rows.items()}
     admit = {depth: Curve(*zip(*sorted((r, min(v)[1]) for r, v in by_r.items()))) for depth, by_r in admits.items()}
     return StepModel(terms, graph.meta.layers, {depth: curve(v) for depth, v in cycles.items()},
                      launch=by_depth(launches), admit=admit, lead=by_depth(leads), host_runner=runner)
