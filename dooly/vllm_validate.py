@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .environment import CAPTURE_SIZES
 from .errors import DoolyError
 
 BACKEND_FOLDERS = {"flash_attn": "FLASH_ATTN", "triton_attn": "TRITON_ATTN", "flashinfer": "FLASHINFER"}
@@ -103,6 +104,20 @@ def _prompt_tokens(requests, shared: int) -> dict[int, list[int]]:
             + [(r.id + 1) * 10**6 + j for j in range(r.prompt - min(shared, r.prompt))] for r in requests}
 
 
+def by_regime(batches, measured: np.ndarray, predicted: np.ndarray) -> str:
+    """Step errors apart for what vLLM runs differently: decode batches (full CUDA graphs), other steps up to the
+    largest captured size (piecewise graphs, eager attention) and above it (every kernel launched eagerly)."""
+    tokens = np.array([sum(q for q, _ in b) for b in batches])
+    decode = tokens == np.array([len(b) for b in batches])
+    parts = []
+    for label, k in (("decode", decode), (f"prefill <= {CAPTURE_SIZES[-1]}", ~decode & (tokens <= CAPTURE_SIZES[-1])),
+                     (f"> {CAPTURE_SIZES[-1]} tokens", tokens > CAPTURE_SIZES[-1])):
+        if k.any():
+            e = (predicted[k] - measured[k]) / measured[k]
+            parts.append(f"{label} {k.sum()} MAPE {np.mean(np.abs(e)):.1%} bias {np.median(e):+.1%}")
+    return "; ".join(parts)
+
+
 def validate_vllm_model(truth: dict, graph, store, log=print, max_steps: int = 10**6):
     """The errors of predicting one model's vLLM ground truth (`graph`, its vLLM IR) from the store; None (said in
     the log) where the store lacks what its environment runs."""
@@ -127,8 +142,9 @@ def validate_vllm_model(truth: dict, graph, store, log=print, max_steps: int = 1
     if model.host_runner != runner:
         log(f"  {name} vllm {backend}: runs on vLLM's {runner} model runner, its host costs are the "
             f"{model.host_runner} runner's (calibrate --runner {runner} measures its own)")
-    _, measured, spread, pred = steps_of(truth, lambda: _StepTime(model))
+    batches, measured, spread, pred = steps_of(truth, lambda: _StepTime(model))
     step_errors = np.abs(pred - measured) / measured if len(measured) else np.array([])
+    log(f"  {name} vllm {backend} steps: {by_regime(batches, measured, pred)}")
     config = truth["engine_config"]
     t_err, p_err, t_spr, p_spr, ttft_pairs, tpot_pairs = [], [], [], [], [], []
     for trace_name, trace in truth["traces"].items():

@@ -189,3 +189,26 @@ def test_host_costs_jump_where_steps_stop_replaying_graphs():
     assert launch(136) == pytest.approx(8500.0) and launch(256) == 9000.0
     assert launch(257) == 24000.0 and launch(1280) == pytest.approx(24500.0)  # the eager side's own points
     assert ByMode([16, 256], [8000.0, 9000.0])(300) == pytest.approx(9000.0 + 44 * 1000 / 240)  # none above: one line
+
+
+def test_a_finished_piece_sweep_missing_points_of_todays_grid_is_profiled_again_for_those(tmp_path):
+    """The store's pieces were timed before steps above the captured sizes were timed eagerly, as vLLM runs them."""
+    from dooly.passes.pieces import piece_uses
+    from dooly.predict.vllm_step import vllm_environment
+    from dooly.store import Stats
+    from dooly.vllm_profile import PIECE_POINTS, _points_left
+
+    path = tmp_path / "s.sqlite"
+    shutil.copy(STORE, path)
+    s = Store(path)
+    env = vllm_environment(s, "FLASH_ATTN")
+    piece = next(u.signature for u in piece_uses(load_model(IR / "llama-3.1-8b.ir"), "FLASH_ATTN")
+                 if u.signature.family == "piece")
+    other = next(u.signature for u in piece_uses(load_model(IR / "llama-3.1-8b.ir"), "FLASH_ATTN")
+                 if u.signature.family != "piece")
+    assert piece.hash in s.finished_sweeps(env) and _points_left(s, env, piece)
+    assert not _points_left(s, env, other)  # only pieces have a fixed grid
+    for point in PIECE_POINTS:
+        s.record(piece.hash, env, point, Stats(1.0, 1.0, 1.0, 0.0, 10))
+    assert not _points_left(s, env, piece)
+    s.close()
