@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dooly plan", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="+", type=Path, help="config.json files, or compiled IRs (.ir, model.json)")
     parser.add_argument("--store", type=Path, required=True, help="latency store (created if missing)")
-    parser.add_argument("--env", help="environment whose measurements count as done (default: none)")
+    parser.add_argument("--env", help="environment whose measurements count as done (default: none; a compiled "
+                        "piece lacking points of today's grid counts as not done)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     from .store import Store
@@ -103,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     graphs = [load_model(p) for p in args.config]
     store = Store(args.store, readonly=args.store.exists())
     if args.env:
+        from .bench.compiled import points_left
+
         _, env = store.environment(args.env)
-        attention, measured = env.attention_backend, store.finished_sweeps(args.env)
+        attention, finished = env.attention_backend, store.finished_sweeps(args.env)
+        used = signature_uses(graphs, attention)
+        measured = {h: s for h, s in finished.items() if h not in used or not points_left(store, args.env, used[h][0])}
     else:
         attention, measured = DEFAULT_BACKEND.attention, {}
     rows, dooly_s, baseline_s = plan(graphs, attention, measured)

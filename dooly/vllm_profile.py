@@ -20,17 +20,14 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from .environment import CAPTURE_SIZES, DEFAULT_BACKEND, detect_vllm
+from .bench.compiled import PIECE_POINTS, points_left
+from .environment import DEFAULT_BACKEND, detect_vllm
 from .environment import VLLM_BACKENDS as BACKENDS
 from .errors import DoolyError
 from .ir import Graph
 from .passes.canonicalize import Use, uses
 from .passes.pieces import piece_uses
 
-# every captured size (graph replays), and larger steps as vLLM runs them, eagerly ("graph": 0 in the point key: a
-# store from before keeps its replayed points apart)
-PIECE_POINTS = tuple({"M": m, "graph": 0} for m in (2048, 1536, 1024, 768, 512, 384, 320)) + tuple(
-    {"M": m} for m in sorted(CAPTURE_SIZES, reverse=True))
 ATTENTION_OPS = {"vllm.unified_attention_with_output"}
 KV_WRITE_OPS = {"vllm.unified_kv_cache_update"}
 def step_uses(graph: Graph, backend: str, eager: bool) -> list[Use]:
@@ -125,7 +122,7 @@ def run(args) -> int:
     for g in graphs:
         for u in step_uses(g, args.backend, args.eager):
             by_hash.setdefault(u.signature.hash, (u.signature, g, u, []))[3].append(u.binding)
-    todo = {h: v for h, v in by_hash.items() if h not in done or _points_left(store, env.name, v[0])}
+    todo = {h: v for h, v in by_hash.items() if h not in done or points_left(store, env.name, v[0])}
     console.print(f"[b]{env.name}[/b]: {len(by_hash)} signatures, {len(by_hash) - len(todo)} in the store, "
                   f"{len(todo)} to profile")
     sweeper = Sweeper(store, env.name, DEFAULT_BACKEND, deadline)
@@ -164,15 +161,6 @@ def run(args) -> int:
                   + (f"{left} left for the next run" if left else "all done"))
     print(json.dumps({"environment": env.name, "profiled": finished, "left": left}))
     return 0
-
-
-def _points_left(store, env_name: str, sig) -> bool:
-    """A piece whose finished sweep lacks some of `PIECE_POINTS` (the points grew since it ran: steps above the
-    captured sizes timed as eager launches): it is profiled again, for those points only."""
-    from .store import point_key
-
-    return sig.family == "piece" and not {point_key(p) for p in PIECE_POINTS} <= set(
-        store.points(sig.hash, env_name, sig.family))
 
 
 def _stateful(todo: list, store, env, sweeper, console) -> int:

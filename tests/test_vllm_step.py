@@ -193,10 +193,10 @@ def test_host_costs_jump_where_steps_stop_replaying_graphs():
 
 def test_a_finished_piece_sweep_missing_points_of_todays_grid_is_profiled_again_for_those(tmp_path):
     """The store's pieces were timed before steps above the captured sizes were timed eagerly, as vLLM runs them."""
+    from dooly.bench.compiled import PIECE_POINTS, points_left
     from dooly.passes.pieces import piece_uses
     from dooly.predict.vllm_step import vllm_environment
     from dooly.store import Stats
-    from dooly.vllm_profile import PIECE_POINTS, _points_left
 
     path = tmp_path / "s.sqlite"
     shutil.copy(STORE, path)
@@ -206,9 +206,43 @@ def test_a_finished_piece_sweep_missing_points_of_todays_grid_is_profiled_again_
                  if u.signature.family == "piece")
     other = next(u.signature for u in piece_uses(load_model(IR / "llama-3.1-8b.ir"), "FLASH_ATTN")
                  if u.signature.family != "piece")
-    assert piece.hash in s.finished_sweeps(env) and _points_left(s, env, piece)
-    assert not _points_left(s, env, other)  # only pieces have a fixed grid
+    assert piece.hash in s.finished_sweeps(env) and points_left(s, env, piece)
+    assert not points_left(s, env, other)  # only pieces have a fixed grid
     for point in PIECE_POINTS:
         s.record(piece.hash, env, point, Stats(1.0, 1.0, 1.0, 0.0, 10))
-    assert not _points_left(s, env, piece)
+    assert not points_left(s, env, piece)
     s.close()
+
+
+def test_plan_counts_a_piece_lacking_points_of_todays_grid_as_left_to_profile(tmp_path):
+    import contextlib
+    import io
+
+    from dooly.bench.compiled import PIECE_POINTS
+    from dooly.passes.pieces import piece_uses
+    from dooly.plan import main as plan
+    from dooly.predict.vllm_step import vllm_environment
+    from dooly.store import Stats
+
+    path = tmp_path / "s.sqlite"
+    shutil.copy(STORE, path)
+    s = Store(path)
+    env = vllm_environment(s, "FLASH_ATTN")
+    pieces = [u.signature for u in piece_uses(load_model(IR / "llama-3.1-8b.ir"), "FLASH_ATTN")
+              if u.signature.family == "piece"]
+    for sig in pieces[1:]:  # every point of today's grid for all pieces but the first
+        for point in PIECE_POINTS:
+            s.record(sig.hash, env, point, Stats(1.0, 1.0, 1.0, 0.0, 10))
+    s.close()
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as db, db:  # the first piece as the store had it before: replays
+        db.execute("DELETE FROM measurements WHERE signature = ? AND point LIKE '%graph%'", (pieces[0].hash,))
+
+    def row():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert plan([str(IR / "llama-3.1-8b.ir"), "--store", str(path), "--env", env, "--json"]) == 0
+        return json.loads(out.getvalue())["models"][0]
+
+    assert row()["new"] == 1 and row()["in_store"] == row()["unique"] - 1

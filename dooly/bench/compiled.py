@@ -10,9 +10,26 @@ from __future__ import annotations
 
 import torch
 
-MAX_CAPTURED = 256  # vLLM 0.24's max_cudagraph_capture_size on the H200: larger steps launch the kernels one by one
+from ..environment import CAPTURE_SIZES
+
+# vLLM 0.24's max_cudagraph_capture_size on the H200: larger steps launch the kernels one by one
+MAX_CAPTURED = CAPTURE_SIZES[-1]
+
+# every captured size (graph replays), and larger steps as vLLM runs them, eagerly ("graph": 0 in the point key: a
+# store from before keeps its replayed points apart)
+PIECE_POINTS = tuple({"M": m, "graph": 0} for m in (2048, 1536, 1024, 768, 512, 384, 320)) + tuple(
+    {"M": m} for m in sorted(CAPTURE_SIZES, reverse=True))
 VLLM_INDUCTOR_OPTIONS = {"enable_auto_functionalized_v2": False, "size_asserts": False, "alignment_asserts": False,
                          "scalar_asserts": False, "combo_kernels": True, "benchmark_combo_kernel": True}
+
+
+def points_left(store, env_name: str, sig) -> bool:
+    """A piece whose finished sweep lacks some of `PIECE_POINTS` (the points grew since it ran: steps above the
+    captured sizes timed as eager launches): it is profiled again, for those points only."""
+    from ..store import point_key
+
+    return sig.family == "piece" and not {point_key(p) for p in PIECE_POINTS} <= set(
+        store.points(sig.hash, env_name, sig.family))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, epsilon: float = 1e-6) -> torch.Tensor:
