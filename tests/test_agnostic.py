@@ -245,3 +245,24 @@ def test_coverage_tool_on_a_sample():
 
     assert one("olmo2", engine=False)["status"] == "compiled"
     assert one("gptj", engine=False)["status"] == "refused"
+
+
+def test_a_pinned_field_whose_moved_trace_runs_other_ops_stays_a_number():
+    """The same op names with other tensor counts (a concat over a field's worth of tensors, say) are other ops:
+    the field is a setting of the model's code, kept a number, as taint could not align the two traces."""
+    from dooly.capture.common import Trace, trace_with_fallback
+    from dooly.ir.graph import Dim, Op, TensorSpec
+
+    def tensor(n):
+        return TensorSpec("bf16", (Dim(n),))
+
+    def trace(pinned):
+        width, parts = pinned.get("hidden_size", 64), pinned.get("num_parts", 2)
+        ops = [Op("aten.mm", (tensor(width), tensor(width)), (tensor(width),)),
+               Op("aten.cat", tuple(tensor(width) for _ in range(parts)), (tensor(parts * width),))]
+        return Trace(ops, {"hidden_size": width, "num_parts": parts}, [], {"hidden_size", "num_parts"})
+
+    step, perturbed = trace_with_fallback(trace)
+    assert set(perturbed) == {"hidden_size"}  # num_parts moved changes how many tensors aten.cat takes
+    (value, ops), = perturbed["hidden_size"]
+    assert value != 64 and ops[0].inputs[0].shape[0].expr == value

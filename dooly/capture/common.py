@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..config import SHAPE_FIELDS, ModelConfig, build, hf_config
 from ..errors import DoolyError
-from ..ir.graph import Graph, Op
+from ..ir.graph import Graph, Op, alignment
 
 # Rotary embeddings split each head in two halves: a head_dim known to be even stays a symbol through them.
 EVEN_FIELDS = {"head_dim"}
@@ -125,7 +125,7 @@ def trace_with_fallback(trace: Callable[[dict[str, int]], Trace]) -> tuple[Trace
             moved = trace({**pinned, field: perturbed_value(field, value)})
         except DoolyError:
             continue  # the model refuses the field moved: a setting of its code rather than a size, kept a number
-        if [op.name for op in moved.ops] == [op.name for op in step.ops]:  # else it chose the ops: a setting too
+        if alignment(moved.ops) == alignment(step.ops):  # else it chose the ops: a setting too
             perturbed[field] = [(moved.values[field], moved.ops)]
     return step, perturbed
 

@@ -172,6 +172,12 @@ class Op:
         return self.inputs + self.outputs
 
 
+def alignment(ops: list[Op]) -> list[tuple[str, int]]:
+    """What two traces of one step must share for their ops to be compared one to one: each op's name and how many
+    tensors it takes and gives."""
+    return [(op.name, len(op.tensors())) for op in ops]
+
+
 @dataclass(frozen=True)
 class LayerGroup:
     """Traced decoder layers that run the same ops, collapsed into one, and the layers of the model they stand for."""

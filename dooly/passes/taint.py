@@ -13,7 +13,7 @@ from dataclasses import replace
 import sympy
 
 from ..ir.expr import evaluate, names, render, to_sympy
-from ..ir.graph import REQUEST_SYMBOLS, Dim, Graph, Op, TensorSpec, map_dims
+from ..ir.graph import REQUEST_SYMBOLS, Dim, Graph, Op, TensorSpec, alignment, map_dims
 
 
 class AttributionError(ValueError):
@@ -68,9 +68,9 @@ def attribute(graph: Graph, perturbed: dict[str, list[tuple[int, list[Op]]]]) ->
         base_value = graph.config_values[field]
         # each moved trace holds the other perturbed fields at their values: a dim written with them is unmoved
         others = {to_sympy(f): graph.config_values[f] for f in perturbed if f != field}
-        aligned = [(o.name, len(o.tensors())) for o in ops]
+        aligned = alignment(ops)
         for value, other in runs:
-            if [(o.name, len(o.tensors())) for o in other] != aligned:
+            if alignment(other) != aligned:
                 raise AttributionError(f"tracing with {field}={value} ran other ops: cannot align the two steps")
         solved = []
         for i, op in enumerate(ops):
