@@ -185,10 +185,10 @@ def test_host_costs_jump_where_steps_stop_replaying_graphs():
     """Up to the largest captured size a step replays graphs; above it every kernel is launched from Python."""
     from dooly.predict.vllm_step import ByMode
 
-    launch = ByMode([16, 256, 512, 2048], [8000.0, 9000.0, 24000.0, 25000.0])
+    launch = ByMode([(16, 8000.0), (256, 9000.0), (512, 24000.0), (2048, 25000.0)])
     assert launch(136) == pytest.approx(8500.0) and launch(256) == 9000.0
     assert launch(257) == 24000.0 and launch(1280) == pytest.approx(24500.0)  # the eager side's own points
-    assert ByMode([16, 256], [8000.0, 9000.0])(300) == pytest.approx(9000.0 + 44 * 1000 / 240)  # none above: one line
+    assert ByMode([(16, 8000.0), (256, 9000.0)])(300) == pytest.approx(9000.0 + 44 * 1000 / 240)  # none above: one line
 
 
 def test_a_finished_piece_sweep_missing_points_of_todays_grid_is_profiled_again_for_those(tmp_path):

@@ -110,8 +110,8 @@ class ByMode:
     (one launch a piece), above it every kernel is launched from Python, so the cost jumps there and a curve through
     points on both sides would blur the jump. Each side reads its own points, or the other side's where it has none."""
 
-    def __init__(self, xs, ys, edge: int = CAPTURE_SIZES[-1]):
-        points = sorted(zip(xs, ys))
+    def __init__(self, points: list[tuple[int, float]], edge: int = CAPTURE_SIZES[-1]):
+        points = sorted(points)
         graphs, eager = [p for p in points if p[0] <= edge], [p for p in points if p[0] > edge]
         self.edge = edge
         self.graphs = Curve(*zip(*(graphs or eager)))
@@ -280,7 +280,7 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
         elif row["phase"] == ADMIT_PHASE:  # the shortest prompts: drawing their ids cost the harness least
             admits.setdefault(depth, {}).setdefault(r, []).append((t, row["median_us"]))
     curve = lambda v: Curve(*zip(*sorted(v))) if v else None  # noqa: E731
-    by_mode = lambda v: ByMode(*zip(*v)) if v else None  # noqa: E731
+    by_mode = lambda v: ByMode(v) if v else None  # noqa: E731
     by_depth = lambda rows: {depth: HostFloor(curve(k.get("decode")), by_mode(k.get("prefill")),  # noqa: E731
                                               by_mode(k.get("mixed"))) for depth, k in rows.items()}
     admit = {depth: Curve(*zip(*sorted((r, min(v)[1]) for r, v in by_r.items()))) for depth, by_r in admits.items()}
