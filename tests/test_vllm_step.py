@@ -110,9 +110,9 @@ def test_validate_refuses_vllm_ground_truth_without_its_ir_or_with_a_broken_step
 
 
 def test_the_hosts_costs_follow_the_models_depth():
-    from dooly.predict.vllm_step import HostFloor, StepModel
+    from dooly.predict.vllm_step import HostCost, StepModel
 
-    floor = lambda us: HostFloor(Curve([1, 64], [us, us + 100]), Curve([16, 2048], [2 * us, 3 * us]), None)  # noqa: E731
+    floor = lambda us: HostCost(Curve([1, 64], [us, us + 100]), Curve([16, 2048], [2 * us, 3 * us]), None)  # noqa: E731
     model = lambda layers: StepModel([], layers, launch={2: floor(1000.0), 16: floor(2400.0)})  # noqa: E731
     assert model(2).launch_us(1, 1) == 1000 and model(16).launch_us(1, 1) == 2400
     assert model(9).launch_us(1, 1) == pytest.approx(1700) and model(30).launch_us(1, 1) == pytest.approx(3800)
@@ -121,9 +121,9 @@ def test_the_hosts_costs_follow_the_models_depth():
 
 
 def test_a_step_from_an_idle_gpu_waits_for_the_hosts_input_preparation():
-    from dooly.predict.vllm_step import HostFloor, StepModel
+    from dooly.predict.vllm_step import HostCost, StepModel
 
-    flat = lambda us: HostFloor(Curve([1, 64], [us, us]), Curve([16, 2048], [us, us]), None)  # noqa: E731
+    flat = lambda us: HostCost(Curve([1, 64], [us, us]), Curve([16, 2048], [us, us]), None)  # noqa: E731
     gpu = Curve([1, 4096], [5000.0, 5000.0])
     model = StepModel([("padded", 1, gpu, {"M": "T"})], 16, launch={16: flat(3000.0)}, lead={16: flat(1500.0)})
     assert model.span_us([(2048, 2048)], 2000) == 5000  # entered while the last step runs: GPU-bound

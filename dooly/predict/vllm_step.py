@@ -122,7 +122,7 @@ class ByMode:
 
 
 @dataclass
-class HostFloor:
+class HostCost:
     """The engine's own cost of a step at one model depth: decode batches by requests, other steps by tokens."""
 
     decode: Curve | None
@@ -153,9 +153,9 @@ class StepModel:
     terms: list[PieceTerm]
     layers: int
     cycle: dict[int, Curve] = field(default_factory=dict)  # a decode step's launch to the next one's, by requests
-    launch: dict[int, HostFloor] = field(default_factory=dict)  # the host's span from execute_model to sampled
+    launch: dict[int, HostCost] = field(default_factory=dict)  # the host's span from execute_model to sampled
     admit: dict[int, Curve] = field(default_factory=dict)  # requests arriving together to their first step
-    lead: dict[int, HostFloor] = field(default_factory=dict)  # the host's span from execute_model to the model
+    lead: dict[int, HostCost] = field(default_factory=dict)  # the host's span from execute_model to the model
     host_runner: str = "v2"  # the model runner the host costs were calibrated on
 
     def gpu_us(self, batch: list[tuple[int, int]]) -> float:
@@ -187,7 +187,7 @@ class StepModel:
 
     def launch_us(self, tokens: int, requests: int) -> float:
         """The host's time from a step's execute_model to its sampling launched, at this model's depth."""
-        return self._at_depth(self.launch, lambda floor: floor(tokens, requests))
+        return self._at_depth(self.launch, lambda cost: cost(tokens, requests))
 
     def rest_us(self, requests: int) -> float:
         """The host's time after launching a step before it enters the next: the step before's output read and
@@ -201,7 +201,7 @@ class StepModel:
 
     def lead_us(self, tokens: int, requests: int) -> float:
         """The host's time from a step's execute_model to the model's first launch, at this model's depth."""
-        return self._at_depth(self.lead, lambda floor: floor(tokens, requests))
+        return self._at_depth(self.lead, lambda cost: cost(tokens, requests))
 
     def span_us(self, batch: list[tuple[int, int]], ahead_us: float) -> float:
         """The step's GPU span when the host enters its execute_model `ahead_us` before the GPU finishes the work
@@ -281,7 +281,7 @@ def step_model(graph: Graph, store, backend: str) -> StepModel:
             admits.setdefault(depth, {}).setdefault(r, []).append((t, row["median_us"]))
     curve = lambda v: Curve(*zip(*sorted(v))) if v else None  # noqa: E731
     by_mode = lambda v: ByMode(v) if v else None  # noqa: E731
-    by_depth = lambda rows: {depth: HostFloor(curve(k.get("decode")), by_mode(k.get("prefill")),  # noqa: E731
+    by_depth = lambda rows: {depth: HostCost(curve(k.get("decode")), by_mode(k.get("prefill")),  # noqa: E731
                                               by_mode(k.get("mixed"))) for depth, k in rows.items()}
     admit = {depth: Curve(*zip(*sorted((r, min(v)[1]) for r, v in by_r.items()))) for depth, by_r in admits.items()}
     return StepModel(terms, graph.meta.layers, {depth: curve(v) for depth, v in cycles.items()},
