@@ -254,7 +254,7 @@ def test_a_pinned_field_whose_moved_trace_runs_other_ops_stays_a_number():
     from dooly.ir.graph import Dim, Op, TensorSpec
 
     def tensor(n):
-        return TensorSpec("bf16", (Dim(n),))
+        return TensorSpec("bf16", (Dim(str(n), value=n),))
 
     def trace(pinned):
         width, parts = pinned.get("hidden_size", 64), pinned.get("num_parts", 2)
@@ -265,4 +265,27 @@ def test_a_pinned_field_whose_moved_trace_runs_other_ops_stays_a_number():
     step, perturbed = trace_with_fallback(trace)
     assert set(perturbed) == {"hidden_size"}  # num_parts moved changes how many tensors aten.cat takes
     (value, ops), = perturbed["hidden_size"]
-    assert value != 64 and ops[0].inputs[0].shape[0].expr == value
+    assert value != 64 and ops[0].inputs[0].shape[0].value == value
+
+
+@pytest.mark.parametrize("second_scope, refused", [("model.layers.0.self_attn", True),
+                                                    ("model.layers.1.self_attn", False)])
+def test_a_layer_writing_its_cache_slots_twice_is_refused(second_scope, refused):
+    """DiffLlama calls the paged attention twice a layer with two halves of its values: the second call overwrites
+    the first's cache slots. Layers of different attention groups share cache tensors in blocks of their own."""
+    from dooly.capture.transformers_cb import check_serving_step
+    from dooly.ir.graph import Dim, Op, TensorSpec
+
+    def spec(dtype, *dims, src=None):
+        return TensorSpec(dtype, tuple(Dim(d) for d in dims), src=src)
+
+    cache, rows, index = spec("bf16", "4096", "8", "64"), spec("bf16", "T", "8", "64"), spec("i64", "T")
+    keys = spec("bf16", "1", "8", "K", "64")
+    first = Op("aten.index_copy_", (cache, index, rows), (cache,), scope="model.layers.0.self_attn")
+    again = Op("aten.index_copy_", (spec("bf16", "4096", "8", "64", src=0), index, rows), (cache,), scope=second_scope)
+    attention = Op("aten.scaled_dot_product_attention", (keys, keys, keys), (keys,), scope=second_scope)
+    if refused:
+        with pytest.raises(DoolyError, match="writes the same KV-cache slots twice"):
+            check_serving_step([first, again, attention], "m", "diffllama")
+    else:
+        check_serving_step([first, again, attention], "m", "cohere2")

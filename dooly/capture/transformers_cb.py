@@ -213,8 +213,9 @@ def tp_plan(cfg: ModelConfig) -> dict[str, str]:
 
 
 def check_serving_step(ops: list[Op], name: str, model_type: str) -> None:
-    """Refuse a step that bypasses the engine's paged interface: the model never writes the KV cache, or runs no
-    attention over its keys."""
+    """Refuse a step that bypasses the engine's paged interface: the model never writes the KV cache, runs no
+    attention over its keys, or writes a layer's cache slots twice (each paged attention call writes its keys and
+    values, and a second call with other values overwrites the first's)."""
     layer_ops = [op for op in ops if not op.scope.startswith("engine")]
     if not any(op.name == "aten.index_copy_" for op in layer_ops):
         raise DoolyError(f"{name}: {model_type}: it never writes the engine's paged KV cache (the model "
@@ -223,6 +224,15 @@ def check_serving_step(ops: list[Op], name: str, model_type: str) -> None:
                for op in layer_ops):
         raise DoolyError(f"{name}: {model_type}: it runs no attention over the cached keys: the engine "
                          f"cannot serve it")
+    # layers of different attention groups share cache tensors, in blocks of their own: a rewrite within one layer
+    rewritten = next((op for op in layer_ops if op.name == "aten.index_copy_" and op.inputs[0].src is not None
+                      and ops[op.inputs[0].src].name == "aten.index_copy_" and ops[op.inputs[0].src].scope == op.scope),
+                     None)
+    if rewritten is not None:
+        raise DoolyError(f"{name}: {model_type}: its step writes the same KV-cache slots twice ({rewritten.scope}: "
+                         f"one layer calls attention twice over its cache with other values): the cache keeps the "
+                         f"second write, so the first call reads the other's values in later steps and the engine "
+                         f"serves it wrong")
 
 
 class TransformersFrontend:
