@@ -307,7 +307,9 @@ CALIBRATION_PROMPTS = (16, 64, 256, 512, 1024, 2048)
 CALIBRATION_LAYERS = (16, 32)  # every vLLM model of the zoo has 16 layers or more
 IDLE_S = 0.05  # a request arriving at an engine idle this long: nothing on the GPU to hide the host's launches
 REPEATS = 5
-CALIBRATION_PHASES = ("vllm-step", "vllm-launch", "vllm-cycle", "vllm-lead", "vllm-admit")
+# the host table's phases a calibration records (`record_calibration` says what each is)
+STEP_PHASE, LAUNCH_PHASE, CYCLE_PHASE, LEAD_PHASE, ADMIT_PHASE = CALIBRATION_PHASES = (
+    "vllm-step", "vllm-launch", "vllm-cycle", "vllm-lead", "vllm-admit")
 
 
 def calibration_runs() -> list[list[tuple[float, int, int]]]:
@@ -410,30 +412,30 @@ def record_calibration(store_path: Path, path: Path) -> None:
             admitted.setdefault((sum(p for _, p, _ in arrivals), len(arrivals)), []).append(steps[0]["start"] * 1e6)
         for i, s in enumerate(steps):
             spans = samples.setdefault((sum(s["queries"]), len(s["queries"])),
-                                       {"vllm-step": [], "vllm-launch": [], "vllm-cycle": []})
-            spans["vllm-step"].append(s["forward_s"] * 1e6)
-            spans["vllm-launch"].append(s["host_s"] * 1e6)
+                                       {STEP_PHASE: [], LAUNCH_PHASE: [], CYCLE_PHASE: []})
+            spans[STEP_PHASE].append(s["forward_s"] * 1e6)
+            spans[LAUNCH_PHASE].append(s["host_s"] * 1e6)
             if s.get("host_lead_s") is not None:
-                spans.setdefault("vllm-lead", []).append(s["host_lead_s"] * 1e6)
+                spans.setdefault(LEAD_PHASE, []).append(s["host_lead_s"] * 1e6)
             if i + 1 < len(steps):
-                spans["vllm-cycle"].append((steps[i + 1]["start"] - s["start"]) * 1e6)
+                spans[CYCLE_PHASE].append((steps[i + 1]["start"] - s["start"]) * 1e6)
     store = Store(store_path)
     try:
         name = vllm_environment_name(env_info["gpu"], env_info["torch"], env_info["mode"] == "eager",
                                      env_info["engine_version"], env_info["attention_backend"])
         if name not in {e.name for e in store.environments()}:
             raise DoolyError(f"{store_path}: no environment {name} (calibrate where it was profiled)")
-        store.forget_host(name, [*CALIBRATION_PHASES], where)
+        store.forget_host(name, CALIBRATION_PHASES, where)
         for (t, r), spans in sorted(samples.items()):
             point = {"T": t, "R": r, **where}
             medians = {phase: store.record_host_samples(name, phase, point, values)
                        for phase, values in spans.items() if len(values) >= 3}
-            if "vllm-step" in medians:
-                cycle = f", cycle {medians['vllm-cycle']:8.0f} us" if "vllm-cycle" in medians else ""
-                print(f"  layers={layers:2d} T={t:5d} R={r:3d}: GPU span {medians['vllm-step']:8.0f} us, host "
-                      f"{medians['vllm-launch']:8.0f} us{cycle} over {len(spans['vllm-step'])} steps", flush=True)
+            if STEP_PHASE in medians:
+                cycle = f", cycle {medians[CYCLE_PHASE]:8.0f} us" if CYCLE_PHASE in medians else ""
+                print(f"  layers={layers:2d} T={t:5d} R={r:3d}: GPU span {medians[STEP_PHASE]:8.0f} us, host "
+                      f"{medians[LAUNCH_PHASE]:8.0f} us{cycle} over {len(spans['vllm-step'])} steps", flush=True)
         for (t, r), values in sorted(admitted.items()):
-            store.record_host_samples(name, "vllm-admit", {"T": t, "R": r, **where}, values)
+            store.record_host_samples(name, ADMIT_PHASE, {"T": t, "R": r, **where}, values)
     finally:
         store.close()  # a WAL store is whole in its one file only once its last connection has closed
 

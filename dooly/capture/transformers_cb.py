@@ -224,15 +224,16 @@ def check_serving_step(ops: list[Op], name: str, model_type: str) -> None:
                for op in layer_ops):
         raise DoolyError(f"{name}: {model_type}: it runs no attention over the cached keys: the engine "
                          f"cannot serve it")
-    # layers of different attention groups share cache tensors, in blocks of their own: a rewrite within one layer
-    rewritten = next((op for op in layer_ops if op.name == "aten.index_copy_" and op.inputs[0].src is not None
-                      and ops[op.inputs[0].src].name == "aten.index_copy_" and ops[op.inputs[0].src].scope == op.scope),
-                     None)
-    if rewritten is not None:
-        raise DoolyError(f"{name}: {model_type}: its step writes the same KV-cache slots twice ({rewritten.scope}: "
-                         f"one layer calls attention twice over its cache with other values): the cache keeps the "
-                         f"second write, so the first call reads the other's values in later steps and the engine "
-                         f"serves it wrong")
+    for op in layer_ops:
+        if op.name != "aten.index_copy_" or op.inputs[0].src is None:
+            continue
+        before = ops[op.inputs[0].src]
+        # layers of different attention groups share cache tensors, in blocks of their own: a rewrite within one layer
+        if before.name == "aten.index_copy_" and before.scope == op.scope:
+            raise DoolyError(f"{name}: {model_type}: its step writes the same KV-cache slots twice ({op.scope}: one "
+                             f"layer calls attention twice over its cache with other values): the cache keeps the "
+                             f"second write, so the first call reads the other's values in later steps and the "
+                             f"engine serves it wrong")
 
 
 class TransformersFrontend:

@@ -28,15 +28,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..bench.vllm_engine import ADMIT_PHASE, CYCLE_PHASE, LAUNCH_PHASE, LEAD_PHASE
 from ..environment import CAPTURE_SIZES, vllm_model_runner
 from ..errors import DoolyError
 from ..ir.expr import evaluate
 from ..ir.graph import Graph
 
-CYCLE_PHASE = "vllm-cycle"
-LAUNCH_PHASE = "vllm-launch"
-LEAD_PHASE = "vllm-lead"
-ADMIT_PHASE = "vllm-admit"
 CALIBRATION_DEPTH = 2  # the tiny model's layers, for host rows that do not say theirs
 ATTENTION_OPS = {"vllm.unified_attention_with_output"}
 

@@ -15,6 +15,7 @@ import os
 import sqlite3
 import statistics
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -381,9 +382,9 @@ class Store:
                          len(values))
         return median
 
-    def forget_host(self, env_name: str, phases: list[str], where: dict[str, int]) -> int:
+    def forget_host(self, env_name: str, phases: Iterable[str], where: dict[str, int]) -> None:
         """Drops the host rows of these phases whose point holds `where` and names no other of its keys: a
-        recalibration replaces a calibration whole, compositions it no longer sees included. Returns how many."""
+        recalibration replaces a calibration whole, compositions it no longer sees included."""
         env_id, _ = self.environment(env_name)
         gone = [(phase, r["point"]) for phase in phases for r in self.db.execute(
             "SELECT point FROM host_overhead WHERE environment = ? AND phase = ?", (env_id, phase))
@@ -391,7 +392,6 @@ class Store:
         with self.transaction():
             self.db.executemany("DELETE FROM host_overhead WHERE environment = ? AND phase = ? AND point = ?",
                                 [(env_id, phase, point) for phase, point in gone])
-        return len(gone)
 
     def host(self, env_name: str) -> list[dict]:
         env_id, _ = self.environment(env_name)
