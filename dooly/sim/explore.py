@@ -252,10 +252,11 @@ def local_map(setting: Setting, tasks: list[list[Config]], workers: int) -> Iter
 
 def pareto(rows: Iterable[dict], latency: Objective | Callable[[dict], float]) -> list[dict]:
     """The rows meeting the SLO that no other such row beats on both throughput per GPU and latency (ties kept),
-    by latency."""
+    by latency; ties in one fixed order of their configurations, so the front does not depend on which worker
+    finished first."""
     value = latency.value if isinstance(latency, Objective) else latency
     ok = sorted((r for r in rows if r["meets_slo"] and value(r) is not None),
-                key=lambda r: (value(r), -r["throughput_per_gpu"]))
+                key=lambda r: (value(r), -r["throughput_per_gpu"], [str(r.get(axis)) for axis in GRID_AXES]))
     front: list[dict] = []
     for r in ok:
         if not front or r["throughput_per_gpu"] > front[-1]["throughput_per_gpu"] or (
