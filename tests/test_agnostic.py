@@ -239,6 +239,18 @@ def test_a_model_that_bypasses_the_paged_cache_is_refused():
                       "rotary_dim": 16, "n_positions": 256}, name="tiny-gptj")
 
 
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_an_encoder_is_refused_and_its_decoder_compiles(is_decoder):
+    bert = {"model_type": "bert", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+            "num_hidden_layers": 2, "vocab_size": 256, "is_decoder": is_decoder}
+    if is_decoder:
+        g = compile_dict(bert, name="tiny-bert")
+        assert any(op.name == "aten.index_copy_" for op in g.ops)
+    else:
+        with pytest.raises(DoolyError, match="BertSelfAttention.*bidirectional"):
+            compile_dict(bert, name="tiny-bert")
+
+
 def test_coverage_tool_on_a_sample():
     sys.path.insert(0, str(ROOT / "tools"))
     from architectures import one

@@ -36,6 +36,8 @@ def shrunk(model_type: str) -> dict:
             setattr(text, name, value[:LAYERS])
     text.num_hidden_layers = LAYERS
     text.pad_token_id = None  # a default id past the shrunk vocabulary
+    # a causal LM of an encoder family (BERT's) attends both ways unless told it decodes, as its class warns
+    text.is_decoder = True
     for name, value in SMALL.items():
         if isinstance(getattr(text, name, None), int) and not isinstance(getattr(type(text), name, None), property):
             setattr(text, name, value)

@@ -64,6 +64,18 @@ def full_model(config) -> tuple[nn.Module, set[str]]:
     return model, reads
 
 
+def check_causal(model: nn.Module, cfg: ModelConfig) -> None:
+    """Refuse an encoder: a layer whose attention module attends both ways (BERT-like families with `is_decoder`
+    false, the default of their configs). The engine's paged attention is causal whatever the module asks, so it would
+    serve another model than the one `generate` runs."""
+    for layer in decoder_layers(model, cfg.num_layers):
+        both_ways = next((m for m in layer.modules() if getattr(m, "is_causal", None) is False), None)
+        if both_ways is not None:
+            raise DoolyError(f"{cfg.name}: {cfg.model_type}: its attention ({type(both_ways).__name__}) is "
+                             f"bidirectional, an encoder's: the engine's paged attention is causal, so it would serve "
+                             f"another model (set is_decoder to true to run it as a causal LM)")
+
+
 def attention_of(model: nn.Module) -> str:
     """The engine's attention for this model: `paged|sdpa`, or `paged|eager` where the class refuses sdpa."""
     try:
@@ -246,6 +258,7 @@ class TransformersFrontend:
         self.cfg, self.dtype = cfg, dtype
         self.config = text_config(cfg)
         self.model, reads = full_model(self.config)
+        check_causal(self.model, cfg)
         self.attention = attention_of(self.model)
         self.fields = size_fields(self.config, reads)
 
