@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dooly.bench.vllm_engine import _composition, model_folder
+from dooly.bench.vllm_engine import CALIBRATION_PROMPTS, REPEATS, _composition, calibration_runs, model_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 TRUTH = sorted((ROOT / "data" / "groundtruth" / "vllm").glob("*/*.json"))
@@ -180,3 +180,10 @@ def test_a_recalibration_replaces_its_depths_rows_whole(tmp_path):
     depth = lambda found: {k for k in found if json.loads(k[1]).get("layers") == raw["layers"]}  # noqa: E731
     assert second - depth(second) == first - depth(first)  # other depths and runners stay
     assert depth(second) < depth(first)  # the compositions only the first file had are gone
+
+
+def test_calibration_repetitions_take_turns():
+    prefills = [tuple(map(tuple, r)) for r in calibration_runs() if any(out == 1 for _, _, out in r)]
+    n = 3 * len(CALIBRATION_PROMPTS)  # lone at once, lone after an idle spell, among decodes
+    assert len(prefills) == n * REPEATS and len(set(prefills[:n])) == n
+    assert all(prefills[i] == prefills[i + n] for i in range(len(prefills) - n))

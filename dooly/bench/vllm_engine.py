@@ -314,11 +314,14 @@ STEP_PHASE, LAUNCH_PHASE, CYCLE_PHASE, LEAD_PHASE, ADMIT_PHASE = CALIBRATION_PHA
 
 def calibration_runs() -> list[list[tuple[float, int, int]]]:
     """What the tiny model serves: decode batches of each size, lone prefills at once and after an idle spell, and a
-    prefill among decodes, each prefill run REPEATS times (a composition counts once it is seen three times)."""
+    prefill among decodes, each prefill run REPEATS times (a composition counts once it is seen three times).
+
+    The repetitions take turns: the host's speed moves within minutes, and a slow spell then slows one repetition of
+    several compositions, which their medians drop, instead of every repetition of one."""
     runs = [[(0.0, 16, 48)] * r for r in CALIBRATION_R]
-    for p in CALIBRATION_PROMPTS:
-        runs += [[(0.0, p, 1)]] * REPEATS + [[(IDLE_S, p, 1)]] * REPEATS
-        runs += [[(0.0, 16, 48)] * 8 + [(0.005, p, 1)]] * REPEATS
+    for _ in range(REPEATS):
+        for p in CALIBRATION_PROMPTS:
+            runs += [[(0.0, p, 1)], [(IDLE_S, p, 1)], [(0.0, 16, 48)] * 8 + [(0.005, p, 1)]]
     return runs
 
 
