@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bench.compiled import PIECE_POINTS, points_left
 from .bench.roofline import REFINED_SHARE, point_cost_s
 from .bench.sweep import axis_limit, initial_points
 from .compile import load_model
@@ -52,8 +53,12 @@ def sweep_limits(sig: Signature, bindings: list[dict[str, str]]) -> dict[str, in
     return {a: max(axis_limit(b, a) for b in bindings) for a in sig.axes}
 
 
-def estimate_s(sig: Signature, limits: dict[str, int]) -> float:
-    grid = initial_points(sig.axes, limits)
+def estimate_s(sig: Signature, limits: dict[str, int], points: list[dict] | None = None) -> float:
+    """What sweeping `sig` costs: its grid (a compiled piece's is fixed, `PIECE_POINTS`, and never refined), or
+    only `points` of it where given."""
+    if sig.family == "piece":
+        return sum(point_cost_s(sig.canonical, p) for p in (PIECE_POINTS if points is None else points))
+    grid = initial_points(sig.axes, limits) if points is None else points
     return (1 + REFINED_SHARE * (len(sig.axes) > 0)) * sum(point_cost_s(sig.canonical, p) for p in grid)
 
 
@@ -69,10 +74,12 @@ class ModelPlan:
     baseline_gpu_s: float
 
 
-def plan(graphs: list[Graph], attention: str, measured_cost: dict[str, float]) -> tuple[list[ModelPlan], float,
-                                                                                      float]:
-    """Per-model rows, Dooly's total GPU-seconds, the baseline's."""
-    costs = {h: measured_cost[h] if h in measured_cost else estimate_s(s, sweep_limits(s, b))
+def plan(graphs: list[Graph], attention: str, measured_cost: dict[str, float],
+         points_left: dict[str, list[dict]] | None = None) -> tuple[list[ModelPlan], float, float]:
+    """Per-model rows, Dooly's total GPU-seconds, the baseline's; `points_left`: the points a signature the store
+    holds in part still needs (it is costed for those only)."""
+    left = points_left or {}
+    costs = {h: measured_cost[h] if h in measured_cost else estimate_s(s, sweep_limits(s, b), left.get(h))
              for h, (s, b) in signature_uses(graphs, attention).items()}
     have = set(measured_cost)
     rows, total = [], 0.0
@@ -104,15 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     graphs = [load_model(p) for p in args.config]
     store = Store(args.store, readonly=args.store.exists())
     if args.env:
-        from .bench.compiled import points_left
-
         _, env = store.environment(args.env)
         attention, finished = env.attention_backend, store.finished_sweeps(args.env)
         used = signature_uses(graphs, attention)
-        measured = {h: s for h, s in finished.items() if h not in used or not points_left(store, args.env, used[h][0])}
+        left = {h: points for h in finished.keys() & used.keys()
+                if (points := points_left(store, args.env, used[h][0]))}
+        measured = {h: s for h, s in finished.items() if h not in left}
     else:
-        attention, measured = DEFAULT_BACKEND.attention, {}
-    rows, dooly_s, baseline_s = plan(graphs, attention, measured)
+        attention, measured, left = DEFAULT_BACKEND.attention, {}, {}
+    rows, dooly_s, baseline_s = plan(graphs, attention, measured, left)
     saving = 1 - dooly_s / baseline_s if baseline_s else 0.0
     if args.json:
         out = {"models": [{"model": r.model, "ops": r.ops, "unique": r.unique, "in_store": r.in_store, "new": r.new,

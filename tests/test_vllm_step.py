@@ -245,4 +245,11 @@ def test_plan_counts_a_piece_lacking_points_of_todays_grid_as_left_to_profile(tm
             assert plan([str(IR / "llama-3.1-8b.ir"), "--store", str(path), "--env", env, "--json"]) == 0
         return json.loads(out.getvalue())["models"][0]
 
-    assert row()["new"] == 1 and row()["in_store"] == row()["unique"] - 1
+    from dooly.plan import estimate_s
+
+    left = row()
+    eager = [p for p in PIECE_POINTS if "graph" in p]
+    assert left["new"] == 1 and left["in_store"] == left["unique"] - 1
+    # costed for the points it lacks only
+    assert left["est_gpu_s"] == pytest.approx(estimate_s(pieces[0], {}, eager), abs=1e-3)
+    assert left["est_gpu_s"] < estimate_s(pieces[0], {}) / 2

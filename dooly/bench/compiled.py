@@ -23,13 +23,16 @@ VLLM_INDUCTOR_OPTIONS = {"enable_auto_functionalized_v2": False, "size_asserts":
                          "scalar_asserts": False, "combo_kernels": True, "benchmark_combo_kernel": True}
 
 
-def points_left(store, env_name: str, sig) -> bool:
-    """A piece whose finished sweep lacks some of `PIECE_POINTS` (the points grew since it ran: steps above the
-    captured sizes timed as eager launches): it is profiled again, for those points only."""
+def points_left(store, env_name: str, sig) -> list[dict]:
+    """The `PIECE_POINTS` a piece's sweep lacks (the points grew since it ran: steps above the captured sizes timed
+    as eager launches): a finished piece is profiled again for those points only. None for other signatures, whose
+    grids are their own."""
     from ..store import point_key
 
-    return sig.family == "piece" and not {point_key(p) for p in PIECE_POINTS} <= set(
-        store.points(sig.hash, env_name, sig.family))
+    if sig.family != "piece":
+        return []
+    have = set(store.points(sig.hash, env_name, sig.family))
+    return [p for p in PIECE_POINTS if point_key(p) not in have]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, epsilon: float = 1e-6) -> torch.Tensor:
