@@ -90,12 +90,17 @@ def steps_of(truth: dict, forward=None) -> tuple[list[list[tuple[int, int]]], np
 
 
 def request_truth(trace: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per request (in trace order): median TTFT and TPOT over the runs, and their spreads."""
+    """Per request (in trace order): median TTFT and TPOT over the runs, and their spreads.
+
+    A TTFT counts from the request's arrival in the trace, as the simulator's does and a client's would, not from
+    when the harness handed it to the engine: vLLM's harness can only add a request between steps, up to a step's
+    length (30 ms) after it arrived."""
     ttft, tpot = [], []
+    arrivals = [a for a, _, _ in trace["requests"]]
     for run in trace["runs"]:
         by_id = {r["request_id"]: r for r in run["requests"]}
         rows = [by_id.get(f"r{i}") for i in range(len(trace["requests"]))]
-        ttft.append([r["first_token"] - r["arrival"] if r and r["token_times"] else np.nan for r in rows])
+        ttft.append([r["first_token"] - a if r and r["token_times"] else np.nan for r, a in zip(rows, arrivals)])
         tpot.append([(r["token_times"][-1] - r["token_times"][0]) / (len(r["token_times"]) - 1)
                      if r and len(r["token_times"]) > 1 else np.nan for r in rows])
     ttft, tpot = np.array(ttft), np.array(tpot)
@@ -181,6 +186,13 @@ def check_traces(truth: dict, path: Path, limits: Limits, need) -> None:
                      and (not r["token_times"] or _seconds(r.get("first_token"))),
                      f"trace {name[:40]!r}: a run's request holds request_id, arrival, token_times and (with tokens) "
                      "first_token")
+                # its measurements are compared with the trace's request of that index: it must be that request
+                index = r["request_id"][1:]
+                asked = trace["requests"][int(index)] if index.isdigit() and int(index) < len(trace["requests"]) \
+                    else None
+                need(r["request_id"].startswith("r") and asked is not None and r.get("prompt") == asked[1]
+                     and r.get("output") == asked[2], f"trace {name[:40]!r}: a run's request {r['request_id'][:20]!r} "
+                     "is not r<i> with the prompt and output of the trace's request i")
 
 
 def validate_model(truth: dict, graph, store: Store, log=print, max_steps: int = Limits()["steps"]) -> Row:

@@ -36,7 +36,7 @@ class FakeEngine:
         prompts = [p for _, p, _ in requests]
         prefill = MeasuredStep(prompts, prompts, None, 1e-3, 1e-3, 0.01, 0.02, 1e-3, 0.0)
         decode = MeasuredStep([1] * len(requests), [p + 1 for p in prompts], None, 1e-3, 1e-3, 0.005, 0.01, 1e-3, 0.02)
-        results = [Result(f"req_{i}", p, o, arrival, arrival + 0.02, [arrival + 0.02, arrival + 0.03])
+        results = [Result(f"r{i}", p, o, arrival, arrival + 0.02, [arrival + 0.02, arrival + 0.03])
                    for i, (arrival, p, o) in enumerate(requests)]
         return [prefill, decode], results
 

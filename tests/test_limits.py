@@ -271,6 +271,10 @@ def _set(path, value):
      "positive forward_s"),
     (_set(["traces", "*", "runs"], [{"steps": [], "requests": [{"request_id": "r0", "arrival": 0,
                                                                   "token_times": ["x"]}]}]), "token_times"),
+    (_set(["traces", "*", "runs"], [{"steps": [], "requests": [{"request_id": "r0", "arrival": 0, "token_times": [],
+                                                                  "prompt": -1, "output": 1}]}]), "is not r<i>"),
+    (_set(["traces", "*", "runs"], [{"steps": [], "requests": [{"request_id": "r999", "arrival": 0,
+                                                                  "token_times": []}]}]), "is not r<i>"),
 ])
 def test_a_malformed_ground_truth_file_is_refused(tmp_path, change, words):
     truth = _truth()

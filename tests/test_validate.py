@@ -62,3 +62,16 @@ def test_validate_refuses_bad_input(shipped, tmp_path, setup, message):
         message = "no measurements for the sdpa-flash backend"
     r = dooly("validate", "--groundtruth", gt, "--store", shipped, "--models", "golden")
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_requests_ttft_counts_from_its_arrival_in_the_trace_not_from_when_the_harness_added_it():
+    from dooly.validate import request_truth
+
+    # the harness could add r1 only after a 20 ms step: its stamp is late, its wait is part of its TTFT
+    trace = {"requests": [[0.0, 8, 2], [0.005, 8, 2]],
+             "runs": [{"requests": [{"request_id": "r1", "arrival": 0.025, "first_token": 0.040,
+                                     "token_times": [0.040, 0.045]},
+                                    {"request_id": "r0", "arrival": 0.0, "first_token": 0.020,
+                                     "token_times": [0.020, 0.030]}]}]}
+    ttft, tpot, _, _ = request_truth(trace)
+    assert ttft == pytest.approx([0.020, 0.035]) and tpot == pytest.approx([0.010, 0.005])

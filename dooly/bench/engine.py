@@ -187,7 +187,8 @@ class Engine:
             with kernel:  # SDPA's backend switches are process-wide: the engine's thread sees them
                 manager.start()
                 start = time.perf_counter()
-                for i, (arrival, prompt, output) in enumerate(sorted(requests)):
+                for i in sorted(range(len(requests)), key=lambda i: requests[i]):  # named by their place in the trace
+                    arrival, prompt, output = requests[i]
                     delay = start + arrival - time.perf_counter()
                     if delay > 0:
                         time.sleep(delay)
