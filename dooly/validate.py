@@ -195,11 +195,21 @@ def check_traces(truth: dict, path: Path, limits: Limits, need) -> None:
                      "is not r<i> with the prompt and output of the trace's request i")
 
 
+def simulate_trace(trace: dict, scheduler, step_time, max_steps: int) -> list[dict]:
+    """A transformers trace served in the simulator as the harness served it, one row a request in trace order: the
+    harness adds the requests arriving together smallest first, and names each by its place in the trace."""
+    from .sim import Request, simulate
+
+    asked = [tuple(r) for r in trace["requests"]]
+    rank = {i: k for k, i in enumerate(sorted(range(len(asked)), key=asked.__getitem__))}
+    return simulate([Request(rank[i], *asked[i]) for i in range(len(asked))], scheduler, step_time, max_steps).requests
+
+
 def validate_model(truth: dict, graph, store: Store, log=print, max_steps: int = Limits()["steps"]) -> Row:
     """The errors of predicting the ground truth of one model (`graph`, its compiled IR) from the store."""
     from .environment import environment_name
     from .predict import load_predictor
-    from .sim import ContinuousBatching, EngineSettings, Request, StepTime, simulate
+    from .sim import ContinuousBatching, EngineSettings, StepTime
 
     name, backend = truth["model"], truth["backend"]
     env = environment_name(store, backend)
@@ -223,10 +233,9 @@ def validate_model(truth: dict, graph, store: Store, log=print, max_steps: int =
     t_err, p_err, t_spr, p_spr, ttft_pairs, tpot_pairs = [], [], [], [], [], []
     for trace_name, trace in truth["traces"].items():
         m_ttft, m_tpot, s_ttft, s_tpot = request_truth(trace)
-        reqs = [Request(i, a, p, o) for i, (a, p, o) in enumerate(sorted(map(tuple, trace["requests"])))]
         scheduler = ContinuousBatching(cb["num_blocks"], cb["block_size"], cb["max_batch_tokens"],
                                        cb["max_requests_per_batch"], cb.get("safety_margin") or 0.15)
-        out = simulate(reqs, scheduler, runs(), max_steps).requests
+        out = simulate_trace(trace, scheduler, runs(), max_steps)
         p_ttft = np.array([r["ttft"] for r in out])
         p_tpot = np.array([r["tpot"] if r["tpot"] is not None else np.nan for r in out], dtype=float)
         ok = ~np.isnan(m_ttft)

@@ -75,3 +75,15 @@ def test_a_requests_ttft_counts_from_its_arrival_in_the_trace_not_from_when_the_
                                      "token_times": [0.020, 0.030]}]}]}
     ttft, tpot, _, _ = request_truth(trace)
     assert ttft == pytest.approx([0.020, 0.035]) and tpot == pytest.approx([0.010, 0.005])
+
+
+def test_a_trace_is_simulated_as_the_harness_served_it_rows_in_trace_order():
+    from dooly.sim import ContinuousBatching
+    from dooly.validate import simulate_trace
+
+    # arriving together, the harness adds the 16-token prompt before the 900-token one: with room for one prefill a
+    # step, the short one's first token comes first; each row is still the trace's request of its index
+    trace = {"requests": [[0.0, 900, 2], [0.0, 16, 2], [0.5, 64, 1]]}
+    rows = simulate_trace(trace, ContinuousBatching(64, 256, 1024, 1), lambda sizes: 0.01, 1000)
+    assert [(r["prompt"], r["output"]) for r in rows] == [(900, 2), (16, 2), (64, 1)]
+    assert rows[1]["ttft"] < rows[0]["ttft"]
