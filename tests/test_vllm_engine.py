@@ -125,6 +125,24 @@ def test_ground_truth_refuses_a_missing_config_before_any_engine_starts(tmp_path
     assert not (tmp_path / "gt").exists()
 
 
+def test_several_models_record_their_ground_truth_one_process_each(tmp_path, monkeypatch):
+    """A closed engine keeps its GPU memory: the second model's engine in the same process found 10 of 140 GiB."""
+    from dooly.bench import vllm_engine
+
+    children = []
+    monkeypatch.setattr(vllm_engine.subprocess, "run", lambda cmd, check: children.append(cmd))
+    configs = [str(ROOT / "configs" / f"{m}.json") for m in ("qwen3-8b", "mistral-7b-v0.3")]
+    assert vllm_engine.main(["groundtruth", "--models", *configs, "--out", str(tmp_path), "--backend", "FLASHINFER",
+                             "--traces", "chat", "--layers", "qwen3-8b=4"]) == 0
+    assert [c[c.index("--models") + 1] for c in children] == configs
+    for c in children:
+        assert c[c.index("--backend") + 1] == "FLASHINFER" and c[c.index("--traces") + 1] == "chat"
+        assert c[c.index("--layers") + 1] == "qwen3-8b=4" and "--eager" not in c
+    children.clear()
+    assert vllm_engine.main(["groundtruth", "--models", *configs, "--out", str(tmp_path), "--budget-s", "0"]) == 0
+    assert children == []
+
+
 def test_a_v1_runner_calibration_is_kept_apart_from_the_v2_one(tmp_path):
     import shutil
 

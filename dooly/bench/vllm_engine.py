@@ -488,10 +488,24 @@ def _vllm_traces(max_context: int) -> dict[str, tuple[list[tuple[float, int, int
 
 def groundtruth(models: list[Path], out: Path, backend: str, eager: bool, repeats: int, budget_s: float,
                 only: tuple[str, ...], layers: dict[str, int]) -> None:
-    """Each model (a config.json, named by its file's stem) served on every trace, into out/vllm-<backend>/."""
+    """Each model (a config.json, named by its file's stem) served on every trace, into out/vllm-<backend>/; one
+    process a model, as a closed engine does not give its GPU memory back."""
     from ..config import load_config
 
     configs = [load_config(path) for path in models]  # every config checked before the first engine starts
+    if len(models) > 1:
+        start = time.monotonic()
+        for path in models:
+            left = budget_s - (time.monotonic() - start)
+            if left <= 0:
+                print(f"budget spent: {path.stem} and the rest not run", flush=True)
+                break
+            subprocess.run([sys.executable, "-m", "dooly.bench.vllm_engine", "groundtruth", "--models", str(path),
+                            "--out", str(out), "--backend", backend, *(["--eager"] if eager else []),
+                            "--repeats", str(repeats), "--budget-s", str(left),
+                            *(["--traces", *only] if only else []),
+                            *(["--layers", *(f"{k}={v}" for k, v in layers.items())] if layers else [])], check=True)
+        return
     folder = out / f"vllm-{backend.lower()}{'-eager' if eager else ''}"
     folder.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
