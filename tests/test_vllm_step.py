@@ -193,12 +193,12 @@ def test_host_costs_jump_where_steps_stop_replaying_graphs():
 
 def test_a_finished_piece_sweep_missing_points_of_todays_grid_is_profiled_again_for_those(tmp_path):
     """The store's pieces were timed before steps above the captured sizes were timed eagerly, as vLLM runs them."""
+    import sqlite3
+
     from dooly.bench.compiled import PIECE_POINTS, points_left
     from dooly.passes.pieces import piece_uses
     from dooly.predict.vllm_step import vllm_environment
     from dooly.store import Stats
-
-    import sqlite3
 
     path = tmp_path / "s.sqlite"
     shutil.copy(STORE, path)
