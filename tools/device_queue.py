@@ -7,14 +7,17 @@ under $OUT after every job (a call cut off still brings back what finished):
 
     python3 tools/device_queue.py JOBS --state /tmp/queue --deadline-s 580 --out "$OUT"
 
-JOBS holds one job a line, `name seconds: command` (seconds: how long it is expected to take; a job is started
-only while that much time is left), `#` starting a comment. Commands run in the repository root under bash, with
-$RES (the state folder's results) and $STORE (a copy of the store given by --store, made once) set.
+JOBS holds one job a line, `name seconds [vllm]: command` (seconds: how long it is expected to take; a job is
+started only while that much time is left; `vllm`: it needs vLLM, and waits for a call where vLLM imports, as the
+first calls of a bring-up carry the pieces of vLLM while running the jobs that need none), `#` starting a comment.
+Commands run in the repository root under bash, with $RES (the state folder's results) and $STORE (a copy of the
+store given by --store, made once) set.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import signal
@@ -25,20 +28,26 @@ import time
 from pathlib import Path
 
 
-def parse(path: Path) -> list[tuple[str, float, str]]:
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse(path: Path) -> list[tuple[str, float, bool, str]]:
     jobs = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         head, sep, command = line.partition(":")
-        name, _, seconds = head.strip().partition(" ")
-        if not sep or not name or not seconds.strip().replace(".", "", 1).isdigit():
-            sys.exit(f"error: {path}:{number}: expected 'name seconds: command'")
-        jobs.append((name, float(seconds), command.strip()))
-    names = [n for n, _, _ in jobs]
+        words = head.split()
+        if not sep or len(words) not in (2, 3) or not words[1].replace(".", "", 1).isdigit() \
+                or words[2:] not in ([], ["vllm"]):
+            fail(f"{path}:{number}: expected 'name seconds [vllm]: command'")
+        jobs.append((words[0], float(words[1]), words[2:] == ["vllm"], command.strip()))
+    names = [n for n, _, _, _ in jobs]
     if len(set(names)) != len(names):
-        sys.exit(f"error: {path}: job names repeat")
+        fail(f"{path}: job names repeat")
     return jobs
 
 
@@ -70,8 +79,12 @@ def main() -> None:
             shutil.copy(args.store, store)
         env["STORE"] = str(store)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, seconds, command in jobs:
+    has_vllm = importlib.util.find_spec("vllm") is not None  # jobs inherit this process's PYTHONPATH
+    for name, seconds, needs_vllm, command in jobs:
         if (args.state / "done" / name).exists():
+            continue
+        if needs_vllm and not has_vllm:
+            print(f"[queue] {name} waits for vLLM (not importable in this call)", flush=True)
             continue
         left = args.deadline_s - (time.monotonic() - start)
         if seconds > left:
@@ -98,7 +111,7 @@ def main() -> None:
             tail = (args.state / "logs" / f"{name}.log").read_text().splitlines()[-15:]
             print("\n".join("    " + line for line in tail), flush=True)
         pack(args.state, args.out)
-    left = [n for n, _, _ in jobs if not (args.state / "done" / n).exists()]
+    left = [n for n, _, _, _ in jobs if not (args.state / "done" / n).exists()]
     print(f"[queue] left: {' '.join(left) or 'none'}", flush=True)
     pack(args.state, args.out)
 
