@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,21 +188,22 @@ def check_traces(truth: dict, path: Path, limits: Limits, need) -> None:
                      f"trace {name[:40]!r}: a run's request holds request_id, arrival, token_times and (with tokens) "
                      "first_token")
                 # its measurements are compared with the trace's request of that index: it must be that request
-                index = r["request_id"][1:]
-                asked = trace["requests"][int(index)] if index.isdigit() and int(index) < len(trace["requests"]) \
-                    else None
-                need(r["request_id"].startswith("r") and asked is not None and r.get("prompt") == asked[1]
-                     and r.get("output") == asked[2], f"trace {name[:40]!r}: a run's request {r['request_id'][:20]!r} "
-                     "is not r<i> with the prompt and output of the trace's request i")
+                named = re.fullmatch(r"r(\d+)", r["request_id"])
+                index = int(named[1]) if named else len(trace["requests"])
+                asked = trace["requests"][index] if index < len(trace["requests"]) else None
+                need(asked is not None and r.get("prompt") == asked[1] and r.get("output") == asked[2],
+                     f"trace {name[:40]!r}: a run's request {r['request_id'][:20]!r} is not r<i> with the prompt and "
+                     "output of the trace's request i")
 
 
 def simulate_trace(trace: dict, scheduler, step_time, max_steps: int) -> list[dict]:
     """A transformers trace served in the simulator as the harness served it, one row a request in trace order: the
     harness adds the requests arriving together smallest first, and names each by its place in the trace."""
+    from .bench.traces import admission_order
     from .sim import Request, simulate
 
-    asked = [tuple(r) for r in trace["requests"]]
-    rank = {i: k for k, i in enumerate(sorted(range(len(asked)), key=asked.__getitem__))}
+    asked = trace["requests"]
+    rank = {i: k for k, i in enumerate(admission_order(asked))}
     return simulate([Request(rank[i], *asked[i]) for i in range(len(asked))], scheduler, step_time, max_steps).requests
 
 

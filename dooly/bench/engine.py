@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .traces import admission_order
+
 
 @dataclass
 class MeasuredStep:
@@ -187,7 +189,7 @@ class Engine:
             with kernel:  # SDPA's backend switches are process-wide: the engine's thread sees them
                 manager.start()
                 start = time.perf_counter()
-                for i in sorted(range(len(requests)), key=lambda i: requests[i]):  # named by their place in the trace
+                for i in admission_order(requests):
                     arrival, prompt, output = requests[i]
                     delay = start + arrival - time.perf_counter()
                     if delay > 0:

@@ -5,6 +5,12 @@ from __future__ import annotations
 import random
 
 
+def admission_order(requests: list) -> list[int]:
+    """The indices of a trace's requests in the order transformers' harness adds them: by arrival, those arriving
+    together smallest first. Each keeps its index as its name (`r<i>`), which the simulator's replay must follow."""
+    return sorted(range(len(requests)), key=lambda i: tuple(requests[i]))
+
+
 def lognormal(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
     # e to ten digits, not math.e: the recorded traces were drawn with this constant
     return max(lo, min(hi, int(round(median * pow(2.718281828, rng.gauss(0, sigma))))))

@@ -325,18 +325,23 @@ def calibration_runs() -> list[list[tuple[float, int, int]]]:
     return runs
 
 
+def _in_own_process(*argv: str) -> None:
+    """This module's command in a process of its own: a closed engine does not give its GPU memory back."""
+    subprocess.run([sys.executable, "-m", "dooly.bench.vllm_engine", *argv], check=True)
+
+
 def calibrate(store_path: Path, backend: str, eager: bool, depths: tuple[int, ...], raw: Path,
               runner: str = "v2") -> None:
     """The engine's own cost per step, apart from any model: a tiny model (`TINY`, whose forward takes microseconds)
     at each depth, on the model runner given (vLLM serves some architectures on its V1 runner, whose host work
     differs), serving `calibration_runs()`, every step kept in `raw/[v1-]<depth>.json` and recorded into the store
-    (`record_calibration`). One process a depth: a closed engine does not give its GPU memory back."""
+    (`record_calibration`). One process a depth."""
     raw.mkdir(parents=True, exist_ok=True)
     if len(depths) > 1:
         for layers in depths:
-            subprocess.run([sys.executable, "-m", "dooly.bench.vllm_engine", "calibrate", "--store", str(store_path),
-                            "--backend", backend, *(["--eager"] if eager else []), "--layers", str(layers),
-                            "--raw", str(raw), "--runner", runner], check=True)
+            _in_own_process("calibrate", "--store", str(store_path), "--backend", backend,
+                            *(["--eager"] if eager else []), "--layers", str(layers), "--raw", str(raw),
+                            "--runner", runner)
         return
     (layers,) = depths
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1" if runner == "v2" else "0"
@@ -489,7 +494,7 @@ def _vllm_traces(max_context: int) -> dict[str, tuple[list[tuple[float, int, int
 def groundtruth(models: list[Path], out: Path, backend: str, eager: bool, repeats: int, budget_s: float,
                 only: tuple[str, ...], layers: dict[str, int]) -> None:
     """Each model (a config.json, named by its file's stem) served on every trace, into out/vllm-<backend>/; one
-    process a model, as a closed engine does not give its GPU memory back."""
+    process a model."""
     from ..config import load_config
 
     configs = [load_config(path) for path in models]  # every config checked before the first engine starts
@@ -500,11 +505,10 @@ def groundtruth(models: list[Path], out: Path, backend: str, eager: bool, repeat
             if left <= 0:
                 print(f"budget spent: {path.stem} and the rest not run", flush=True)
                 break
-            subprocess.run([sys.executable, "-m", "dooly.bench.vllm_engine", "groundtruth", "--models", str(path),
-                            "--out", str(out), "--backend", backend, *(["--eager"] if eager else []),
-                            "--repeats", str(repeats), "--budget-s", str(left),
+            _in_own_process("groundtruth", "--models", str(path), "--out", str(out), "--backend", backend,
+                            *(["--eager"] if eager else []), "--repeats", str(repeats), "--budget-s", str(left),
                             *(["--traces", *only] if only else []),
-                            *(["--layers", *(f"{k}={v}" for k, v in layers.items())] if layers else [])], check=True)
+                            *(["--layers", *(f"{k}={v}" for k, v in layers.items())] if layers else []))
         return
     folder = out / f"vllm-{backend.lower()}{'-eager' if eager else ''}"
     folder.mkdir(parents=True, exist_ok=True)
