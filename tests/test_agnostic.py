@@ -301,3 +301,18 @@ def test_a_layer_writing_its_cache_slots_twice_is_refused(second_scope, refused)
             check_serving_step([first, again, attention], "m", "diffllama")
     else:
         check_serving_step([first, again, attention], "m", "cohere2")
+
+
+def test_experts_looping_over_their_routed_tokens_run_an_even_share_each():
+    # Aria's experts slice the routed tokens at bounds counted from the routing (a data-dependent count each), and
+    # read their top-k only as they run
+    g = compile_dict({"model_type": "aria_text", "hidden_size": 64, "intermediate_size": 128,
+                      "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 256,
+                      "moe_num_experts": 4, "moe_topk": 2, "moe_num_shared_experts": 1}, name="tiny-aria")
+    up = [op for op in find(g, "mlp.experts.fc1", "aten.mm")]
+    assert len(up) == 4  # one GEMM an expert
+    assert {tuple(exprs(op.inputs[0])) for op in up} == {("((T*moe_topk + 3)//4)", "hidden_size")}
+    writes = find(g, "mlp.experts.fc1", "aten.copy_")
+    assert {tuple(exprs(op.inputs[1])) for op in writes} == {("((T*moe_topk + 3)//4)", "2*intermediate_size")}
+    (topk,) = find(g, "mlp.experts", "aten.topk")
+    assert topk.attrs["k"] == {"sym": "moe_topk"} and g.meta.config["moe_topk"] == 2

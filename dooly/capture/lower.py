@@ -7,9 +7,12 @@ Only ops that launch work on the device become IR ops. Views and allocations wit
 from __future__ import annotations
 
 import operator
+from collections import defaultdict
 
+import sympy
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils._pytree import tree_flatten
 
 from ..ir.expr import simplify
@@ -22,6 +25,7 @@ NO_KERNEL = {
     "aten.split_with_sizes", "aten.unbind", "aten.narrow", "aten.diagonal", "aten.lift_fresh", "aten.empty",
     "aten.empty_strided", "aten.empty_like", "aten._reshape_alias", "aten.view_as_real", "aten.view_as_complex",
     "aten.unfold", "aten.new_empty", "aten.new_empty_strided", "aten.chunk",
+    "aten._local_scalar_dense",  # the host reading one number (`item()`)
 }
 DROPPED_ATTRS = {"device", "pin_memory", "layout"}
 
@@ -64,7 +68,27 @@ def tensor_spec(t: torch.Tensor, symbols: SymbolTable, src: int | None) -> Tenso
                       None if dense else tuple(Dim(s) for s in strides), src)
 
 
+def even_shares(graph: fx.Graph, symbols: SymbolTable) -> None:
+    """Give each data-dependent part of a split its even share. A model that slices one tensor into parts at bounds
+    it counted from its data (experts looping over the tokens routed to each, `x[start:end]`) runs one op per part
+    on a number of rows no trace can know; spread evenly, each part is ceil(size/parts) rows."""
+    splits = defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.slice.Tensor and any(
+                isinstance(b, torch.SymInt) and free_unbacked_symbols(b) for b in node.args[2:4]):
+            source = node.args[0].meta["val"]
+            dim = (node.args[1] if len(node.args) > 1 else 0) % source.dim()
+            splits[node.args[0], dim].append(node)
+    for (source, dim), parts in splits.items():
+        share = sympy.floor((symbols.expression(source.meta["val"].shape[dim]) + len(parts) - 1) / len(parts))
+        for node in parts:
+            rows = node.meta["val"].shape[dim]
+            if isinstance(rows, torch.SymInt) and isinstance(rows.node.expr, sympy.Symbol):
+                symbols.expected[rows.node.expr] = share
+
+
 def lower(graph: fx.Graph, symbols: SymbolTable) -> list[Op]:
+    even_shares(graph, symbols)
     ops: list[Op] = []
     producer: dict[fx.Node, int | None] = {}  # node -> index of the IR op whose output it is (or views)
     for node in graph.nodes:

@@ -25,6 +25,19 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
 WHOLE_OPS = {F.scaled_dot_product_attention: torch.ops.aten.scaled_dot_product_attention.default}
+INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}
+
+
+def _host_bounds(index):
+    """An index whose slice bounds are one-number integer tensors, with those read as numbers: Python turns a bound
+    into an int with `__index__`, which a data-dependent value (a count the model computed) cannot give; `item()`
+    gives a symbol."""
+    if isinstance(index, tuple):
+        return tuple(_host_bounds(i) for i in index)
+    if isinstance(index, slice):
+        return slice(*(b.item() if isinstance(b, torch.Tensor) and b.dim() == 0 else b
+                       for b in (index.start, index.stop, index.step)))
+    return index
 
 
 class Recorder(TorchDispatchMode):
@@ -122,6 +135,8 @@ class Recorder(TorchDispatchMode):
         class Whole(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
+                if func in INDEXING:  # `x[start:end]` with bounds a tensor holds
+                    args = (args[0], _host_bounds(args[1]), *args[2:])
                 target = WHOLE_OPS.get(func)
                 if target is None:
                     return func(*args, **kwargs)

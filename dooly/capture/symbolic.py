@@ -70,6 +70,8 @@ class SymbolTable:
         self.shape_env.named = set()
         self.fake_mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
         self.by_symbol: dict[sympy.Symbol, sympy.Expr] = {}  # torch's symbol -> its value in our names
+        # a data-dependent size (a count the model computed from its data) -> the expression it stands for
+        self.expected: dict[sympy.Symbol, sympy.Expr] = {}
         self._numbers: set[str] = set()  # names torch would not make symbolic
         self.hints: dict[str, int] = {}
         self._texts: dict[sympy.Expr, str] = {}
@@ -144,7 +146,12 @@ class SymbolTable:
         for cls, fn in _RULES.items():
             if e.has(cls):
                 e = e.replace(cls, fn)
-        return e.xreplace({s: self.by_symbol[s] for s in e.free_symbols if s in self.by_symbol})
+        names = {**self.by_symbol, **self.expected}
+        return e.xreplace({s: names[s] for s in e.free_symbols if s in names})
+
+    def expression(self, x) -> sympy.Expr:
+        """An int or SymInt as a sympy expression of our names."""
+        return self._standard(x.node.expr) if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
 
     def text(self, x) -> str:
         """Expression text of an int or SymInt."""

@@ -158,7 +158,9 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, pinned: dict[str, in
 
     set_sizes()
     try:
-        with symbols.fake_mode, torch.no_grad(), rec, rec.whole_ops(), rec.module_scopes(model):
+        # a field the model reads only as the step runs counts too (Aria's experts read their top-k there)
+        with (symbols.fake_mode, torch.no_grad(), rec, rec.whole_ops(), rec.module_scopes(model),
+              recorded_reads(config) as reads):
             with rec.scope("engine.reset_static_tensors"):
                 io._reset_static_tensors()
             set_sizes()  # the reset zeroes the per-batch totals, which the engine then fills in
@@ -174,7 +176,8 @@ def trace_step(cfg: ModelConfig, n_layers: int, dtype: str, pinned: dict[str, in
         raise DoolyError(f"{cfg.name}: {cfg.model_type}: the engine's step raises: {first_line(e)}") from None
     ops = [replace(op, runs_per="request") if op.scope.startswith("engine.attention_mask") else op
            for op in lower(rec.graph, symbols)]
-    return Trace(ops, values, symbols.guards(set(TRACE_SIZES), set(values)), symbols.pinned() & set(values))
+    return Trace(ops, values, symbols.guards(set(TRACE_SIZES), set(values)), symbols.pinned() & set(values),
+                 frozenset(reads))
 
 
 def _substitute(op: Op, mapping: dict[str, str]) -> Op:
@@ -215,7 +218,8 @@ def trace_both(cfg: ModelConfig, n_layers: int, dtype: str, pinned: dict[str, in
         lambda: trace_step(cfg, n_layers, dtype, pinned, True, fields, attention),
         lambda: trace_step(cfg, n_layers, dtype, pinned, False, fields, attention))
     return Trace(merge_variants(general.ops, no_past.ops), general.values,
-                 sorted(set(general.guards) | set(no_past.guards)), general.pinned | no_past.pinned)
+                 sorted(set(general.guards) | set(no_past.guards)), general.pinned | no_past.pinned,
+                 general.reads | no_past.reads)
 
 
 def tp_plan(cfg: ModelConfig) -> dict[str, str]:
@@ -268,7 +272,15 @@ class TransformersFrontend:
         return [structure(layer) for layer in _traced_layers(self.cfg, n_layers)]
 
     def trace(self, n_layers: int, pinned: dict[str, int]) -> Trace:
-        return trace_both(self.cfg, n_layers, self.dtype, pinned, self.fields, self.attention)
+        step = trace_both(self.cfg, n_layers, self.dtype, pinned, self.fields, self.attention)
+        # fields read only as the step runs (Aria's experts read their top-k there); a head_dim derived for a model
+        # that reads none (the engine asks for one with a fallback) is not one
+        ran = {f: v for f, v in size_fields(self.config, step.reads).items()
+               if f not in self.fields and getattr(self.config, f, None) is not None}
+        if ran:
+            self.fields = {**self.fields, **ran}
+            step = trace_both(self.cfg, n_layers, self.dtype, pinned, self.fields, self.attention)
+        return step
 
     def check(self, step: Trace) -> None:
         check_serving_step(step.ops, self.cfg.name, self.cfg.model_type)
