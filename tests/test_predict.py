@@ -165,6 +165,9 @@ def test_fit_prints_cross_validation_and_reloads_without_refitting(shipped):
     assert {"gemm", "attention", "pointwise"} <= families.keys()
     for cv in families.values():
         assert 0 < cv["regressor_mape"] < 1 and cv["points"] >= 20
+        # signatures held out whole: a number of its own wherever a family has two to hold out in turn
+        assert (cv["unseen_signature_mape"] is None) == (cv["signatures"] < 2)
+        assert cv["unseen_signature_mape"] is None or cv["unseen_signature_mape"] > 0
     started = time.perf_counter()
     again = dooly("fit", "--store", shipped, "--backend", "sdpa", "--json")
     (reloaded,) = json.loads(again.stdout).values()

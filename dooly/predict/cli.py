@@ -119,14 +119,17 @@ def fit_main(argv: list[str] | None = None) -> int:
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for env, r in results.items():
         table = Table(title=f"{env}\n({'fitted now' if r['fitted'] else 'reloaded'}; saved in {r['saved']})")
-        for col in ("family", "signatures", "points", "LightGBM 5-fold MAPE", "interpolation leave-one-out MAPE"):
+        for col in ("family", "signatures", "points", "LightGBM 5-fold MAPE", "unseen-signature MAPE",
+                    "interpolation leave-one-out MAPE"):
             table.add_column(col, justify="left" if col == "family" else "right")
         for family, cv in r["families"].items():
             table.add_row(family, str(cv["signatures"]), str(cv["points"]), pct(cv["regressor_mape"]),
-                          pct(cv["interpolation_mape"]))
+                          pct(cv.get("unseen_signature_mape")), pct(cv["interpolation_mape"]))
         console.print(table)
-    console.print("LightGBM predicts signatures the store never measured; measured ones are interpolated in their "
-                  "own grid (the leave-one-out column: each interior point predicted from its neighbours).")
+    console.print("LightGBM predicts signatures the store never measured (the unseen-signature column: each "
+                  "signature's points predicted with none of them fitted, five groups of signatures in turn); "
+                  "measured ones are interpolated in their own grid (the leave-one-out column: each interior point "
+                  "predicted from its neighbours).")
     return 0
 
 

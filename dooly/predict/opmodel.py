@@ -170,7 +170,7 @@ def _loo_mape(grid: Grid) -> list[float]:
 
 def fit(rows: dict, sigs: dict, folds: int = 5) -> OpModel:
     """Grids and regressors from `_measurements`' rows and signatures."""
-    from sklearn.model_selection import KFold
+    from sklearn.model_selection import GroupKFold, KFold
 
     grids = {h: Grid.build(sigs[h][1], r) for h, r in rows.items() if r}
     regressors, cv = {}, {}
@@ -186,13 +186,23 @@ def fit(rows: dict, sigs: dict, folds: int = 5) -> OpModel:
         if len(X) < 20:
             continue
         X, y = np.array(X), np.array(y)
-        errors = []
-        for train, test in KFold(folds, shuffle=True, random_state=0).split(X):
-            model = _lgbm().fit(X[train], y[train])
-            errors += list(np.abs(np.exp2(model.predict(X[test]) - y[test]) - 1))
+
+        def held_out_mape(splits) -> float:
+            errors = []
+            for train, test in splits:
+                model = _lgbm().fit(X[train], y[train])
+                errors += list(np.abs(np.exp2(model.predict(X[test]) - y[test]) - 1))
+            return float(np.mean(errors))
+
+        n_sigs = len(set(groups))
         regressors[family] = _lgbm().fit(X, y).booster_  # what a saved model reloads as
         interp = [e for h in grids if sigs[h][0] == family for e in _loo_mape(grids[h])]
-        cv[family] = {"points": len(X), "signatures": len(set(groups)), "regressor_mape": float(np.mean(errors)),
+        cv[family] = {"points": len(X), "signatures": n_sigs,
+                      "regressor_mape": held_out_mape(KFold(folds, shuffle=True, random_state=0).split(X)),
+                      # each signature's points predicted by a regressor that saw none of them: an op before it is
+                      # profiled, which the point-shuffled folds above do not tell
+                      "unseen_signature_mape": held_out_mape(GroupKFold(min(folds, n_sigs)).split(X, y, groups))
+                      if n_sigs > 1 else None,
                       "interpolation_mape": float(np.mean(interp)) if interp else None}
     return OpModel(grids, regressors, {h: s[2] for h, s in sigs.items()}, cv)
 
