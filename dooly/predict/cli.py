@@ -127,7 +127,7 @@ def fit_main(argv: list[str] | None = None) -> int:
                           pct(cv.get("unseen_signature_mape")), pct(cv["interpolation_mape"]))
         console.print(table)
     console.print("LightGBM predicts signatures the store never measured (the unseen-signature column: each "
-                  "signature's points predicted with none of them fitted, five groups of signatures in turn); "
+                  "signature's points predicted with none of them fitted, up to five groups of signatures in turn); "
                   "measured ones are interpolated in their own grid (the leave-one-out column: each interior point "
                   "predicted from its neighbours).")
     return 0
