@@ -31,7 +31,7 @@ class Trace:
     values: dict[str, int]  # config field values of this trace
     guards: list[str]
     pinned: set[str]  # config fields torch pinned to numbers while tracing
-    reads: frozenset[str] = frozenset()  # config attributes the model read while built and run
+    reads: frozenset[str] = frozenset()  # config attributes read as the step ran
 
 
 @dataclass

@@ -76,9 +76,8 @@ def even_shares(graph: fx.Graph, symbols: SymbolTable) -> None:
     for node in graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.slice.Tensor and any(
                 isinstance(b, torch.SymInt) and free_unbacked_symbols(b) for b in node.args[2:4]):
-            source = node.args[0].meta["val"]
-            dim = (node.args[1] if len(node.args) > 1 else 0) % source.dim()
-            splits[node.args[0], dim].append(node)
+            rank = node.args[0].meta["val"].dim()
+            splits[node.args[0], (node.args[1] if len(node.args) > 1 else 0) % rank].append(node)
     for (source, dim), parts in splits.items():
         share = sympy.floor((symbols.expression(source.meta["val"].shape[dim]) + len(parts) - 1) / len(parts))
         for node in parts:

@@ -129,7 +129,8 @@ class Recorder(TorchDispatchMode):
 
     @contextlib.contextmanager
     def whole_ops(self):
-        """Record the calls in WHOLE_OPS as single nodes, muting what they dispatch to underneath."""
+        """Record the calls in WHOLE_OPS as single nodes, muting what they dispatch to underneath; read slice bounds
+        that tensors hold as numbers (`_host_bounds`) before indexing."""
         recorder = self
 
         class Whole(TorchFunctionMode):

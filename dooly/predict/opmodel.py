@@ -168,6 +168,15 @@ def _loo_mape(grid: Grid) -> list[float]:
     return errs
 
 
+def _held_out_mape(X, y, splits) -> float:
+    """Mean relative error of regressors fitted on each split's training rows, on its held-out rows (y is log2 µs)."""
+    errors = []
+    for train, test in splits:
+        model = _lgbm().fit(X[train], y[train])
+        errors += list(np.abs(np.exp2(model.predict(X[test]) - y[test]) - 1))
+    return float(np.mean(errors))
+
+
 def fit(rows: dict, sigs: dict, folds: int = 5) -> OpModel:
     """Grids and regressors from `_measurements`' rows and signatures."""
     from sklearn.model_selection import GroupKFold, KFold
@@ -186,22 +195,14 @@ def fit(rows: dict, sigs: dict, folds: int = 5) -> OpModel:
         if len(X) < 20:
             continue
         X, y = np.array(X), np.array(y)
-
-        def held_out_mape(splits) -> float:
-            errors = []
-            for train, test in splits:
-                model = _lgbm().fit(X[train], y[train])
-                errors += list(np.abs(np.exp2(model.predict(X[test]) - y[test]) - 1))
-            return float(np.mean(errors))
-
         n_sigs = len(set(groups))
         regressors[family] = _lgbm().fit(X, y).booster_  # what a saved model reloads as
         interp = [e for h in grids if sigs[h][0] == family for e in _loo_mape(grids[h])]
         cv[family] = {"points": len(X), "signatures": n_sigs,
-                      "regressor_mape": held_out_mape(KFold(folds, shuffle=True, random_state=0).split(X)),
+                      "regressor_mape": _held_out_mape(X, y, KFold(folds, shuffle=True, random_state=0).split(X)),
                       # each signature's points predicted by a regressor that saw none of them: an op before it is
                       # profiled, which the point-shuffled folds above do not tell
-                      "unseen_signature_mape": held_out_mape(GroupKFold(min(folds, n_sigs)).split(X, y, groups))
+                      "unseen_signature_mape": _held_out_mape(X, y, GroupKFold(min(folds, n_sigs)).split(X, y, groups))
                       if n_sigs > 1 else None,
                       "interpolation_mape": float(np.mean(interp)) if interp else None}
     return OpModel(grids, regressors, {h: s[2] for h, s in sigs.items()}, cv)
